@@ -1,0 +1,46 @@
+"""Counter-based hashing: reproducible random numbers from integer coordinates.
+
+Dropout patterns and BigBird's random blocks are functions of (seed, coordinates), not of a
+generator's state, so every backend (and a backward pass that recomputes a tile) regenerates
+exactly the same bits for the same (seed, b, h, i, j), whatever order it visits tiles in.
+
+The mixer is the "lowbias32" integer hash (Chris Wellons, hash-prospector). It works on int64
+tensors holding 32-bit values; multiplications may wrap past 2**63, which keeps the low 32 bits
+exact (two's complement), and the result is masked back to 32 bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor of 32-bit values; returns values in [0, 2**32)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def hash_coords(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
+    """Hash (seed, c0, c1, ...) to uniform 32-bit integers, broadcasting the coordinates."""
+    h = mix32(torch.as_tensor(seed & _M32, dtype=torch.int64))
+    for c in coords:
+        c = torch.as_tensor(c, dtype=torch.int64, device=h.device if not isinstance(c, torch.Tensor) else c.device)
+        h = mix32(h.to(c.device) ^ mix32(c + 0x9E3779B9))
+    return h
+
+
+def uniform(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
+    """Uniform float32 numbers in [0, 1) from (seed, coords); 24 bits of resolution."""
+    return (hash_coords(seed, *coords) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def dropout_keep(seed: int, p: float, b, h, q, k) -> torch.Tensor:
+    """Bool keep-mask for dropout probability p at coordinates (b, h, q, k) (broadcast)."""
+    return uniform(seed, b, h, q, k) >= p

@@ -1,0 +1,19 @@
+"""Backend registry. Backends register here; ``attnkit.dispatch`` chooses among them."""
+
+from __future__ import annotations
+
+from .base import AttentionCall, Backend
+from .reference import ReferenceBackend
+from .sdpa import SdpaBackend
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+register_backend(ReferenceBackend())
+register_backend(SdpaBackend())
+
+__all__ = ["AttentionCall", "Backend", "BACKENDS", "register_backend"]

@@ -1,0 +1,80 @@
+"""The sdpa backend: torch.nn.functional.scaled_dot_product_attention.
+
+Legend: B batch, Hq query heads, Hk key/value heads, Nq queries, Nk keys, D head dim.
+
+Used only where it gives the reference's result: no softcap, no weights, no dropout (torch's
+dropout pattern cannot be reproduced by the other backends), and never a fully masked row
+(torch would return NaN or uniform weights there; the reference returns zeros). Masks are
+handed over as torch's is_causal when that means the same (plain causal with Nq == Nk),
+otherwise materialised as a (B, Hq, Nq, Nk) bool or float tensor: it costs Nq * Nk memory and
+skips no work, which is why ``auto`` prefers blockwise for structured sparse masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..masks import Band, TensorMask
+from .base import AttentionCall, Backend
+
+# Above this many mask/bias elements we refuse to materialise a mask for sdpa (4 GiB of float32).
+MAX_DENSE_ELEMENTS = 1 << 30
+
+
+def _is_plain_causal(call: AttentionCall) -> bool:
+    m = call.mask
+    B, Hq, Hk, Nq, Nk, D = call.shape
+    return isinstance(m, Band) and m.lo is None and m.hi == 0 and Nq == Nk
+
+
+class SdpaBackend(Backend):
+    name = "sdpa"
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        B, Hq, Hk, Nq, Nk, D = call.shape
+        reasons = []
+        if call.return_weights:
+            reasons.append("sdpa does not return attention weights")
+        if call.softcap is not None:
+            reasons.append("sdpa has no softcap")
+        if call.dropout_p > 0:
+            reasons.append("sdpa's dropout pattern is not reproducible by the other backends (seeded dropout)")
+        dense_needed = (call.mask is not None and not _is_plain_causal(call)) or call.bias is not None
+        if dense_needed and B * Hq * Nq * Nk > MAX_DENSE_ELEMENTS:
+            reasons.append(f"the mask/bias would be materialised as {B}x{Hq}x{Nq}x{Nk} elements (> 2^30)")
+            return reasons
+        if call.mask is not None and not _is_plain_causal(call) and not reasons:
+            allowed = self._dense_mask(call)
+            if not bool(allowed.any(dim=-1).all()):
+                reasons.append("the mask has fully masked query rows, which sdpa turns into NaN/uniform weights")
+        if call.bias is not None and not reasons:
+            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device, dtype=call.q.dtype)
+            if bool(torch.isinf(bias).any()):
+                reasons.append("the bias has infinite entries (rows could be fully masked); pass a bool mask instead")
+        return reasons
+
+    @staticmethod
+    def _dense_mask(call: AttentionCall) -> torch.Tensor:
+        B, Hq, Hk, Nq, Nk, D = call.shape
+        if isinstance(call.mask, TensorMask):
+            return call.mask.tensor
+        return call.mask.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device)
+
+    def run(self, call: AttentionCall):
+        B, Hq, Hk, Nq, Nk, D = call.shape
+        is_causal = _is_plain_causal(call)
+        attn_mask = None
+        if call.mask is not None and not is_causal:
+            attn_mask = self._dense_mask(call)  # bool, True = attend
+        if call.bias is not None:
+            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device, dtype=call.q.dtype)
+            if is_causal:
+                attn_mask, is_causal = call.mask.to_dense(Nq, Nk, device=call.q.device), False
+            if attn_mask is not None:
+                bias = bias.masked_fill(~attn_mask, float("-inf"))
+            attn_mask = bias
+        return F.scaled_dot_product_attention(
+            call.q, call.k, call.v, attn_mask=attn_mask, is_causal=is_causal,
+            scale=call.scale, enable_gqa=Hq != Hk,
+        )

@@ -1,0 +1,138 @@
+"""Bias specs: additive score biases computed from positions, so kernels never need Nq x Nk.
+
+Legend: B batch, H query heads, Nq queries, Nk keys.
+
+A bias spec is called as ``bias(b, h, q, k)`` with broadcastable int64 index tensors (q in key
+coordinates, see ``attnkit.masks``) and returns a float tensor of their broadcast shape. It is
+added to the scaled (and soft-capped) scores: s = softcap(scale * q.k) + bias.
+
+Learnable biases (T5's table, ...) list their trainable tensors in ``tensors()``; a backend that
+evaluates the bias per tile must route gradients to them (the reference does so by autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .masks import _index_grid
+
+
+class Bias:
+    def __call__(self, b, h, q, k) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Tensors the bias reads that may require grad (for per-tile backward passes)."""
+        return ()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def to_dense(self, nq: int, nk: int | None = None, *, batch: int = 1, heads: int = 1,
+                 device=None, dtype=torch.float32) -> torch.Tensor:
+        """Float tensor broadcastable to (batch, heads, Nq, Nk) (ignored dims stay size 1)."""
+        nk = nq if nk is None else nk
+        b, h, q, k = _index_grid(batch, heads, nq, nk, device or self.device)
+        out = self(b, h, q, k)
+        while out.dim() < 4:
+            out = out.unsqueeze(0)
+        return out.to(dtype)
+
+    def __add__(self, other: Bias) -> Bias:
+        if not isinstance(other, Bias):
+            raise TypeError(f"bias specs add only to other bias specs, got {type(other).__name__}")
+        return SumBias((self, other))
+
+    def picture(self, nq: int = 8, nk: int | None = None, *, head: int = 0) -> str:
+        dense = self.to_dense(nq, nk, heads=head + 1).expand(1, head + 1, nq, nk or nq)[0, head]
+        return "\n".join(" ".join(f"{x:6.2f}" for x in row.tolist()) for row in dense)
+
+
+class SumBias(Bias):
+    def __init__(self, parts: Sequence[Bias]):
+        self.parts = tuple(parts)
+
+    def __call__(self, b, h, q, k):
+        out = self.parts[0](b, h, q, k)
+        for p in self.parts[1:]:
+            out = out + p(b, h, q, k)
+        return out
+
+    def tensors(self):
+        return tuple(t for p in self.parts for t in p.tensors())
+
+    @property
+    def device(self):
+        return self.parts[0].device
+
+    def __repr__(self):
+        return " + ".join(repr(p) for p in self.parts)
+
+
+class FunctionBias(Bias):
+    def __init__(self, fn: Callable, tensors: Sequence[torch.Tensor] = (), name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"from_function: fn must be callable, got {type(fn).__name__}")
+        self.fn, self._tensors = fn, tuple(tensors)
+        self.name = name or getattr(fn, "__name__", "fn")
+
+    def __call__(self, b, h, q, k):
+        out = self.fn(b, h, q, k)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            raise TypeError(f"bias function {self.name} must return a float tensor, got {getattr(out, 'dtype', type(out))}")
+        return out
+
+    def tensors(self):
+        return self._tensors
+
+    @property
+    def device(self):
+        return self._tensors[0].device if self._tensors else torch.device("cpu")
+
+    def __repr__(self):
+        return f"from_function({self.name})"
+
+
+def from_function(fn: Callable, *, tensors: Sequence[torch.Tensor] = (), name: str | None = None) -> Bias:
+    """A bias spec from ``fn(b, h, q, k) -> float tensor`` (an additive flex score_mod).
+
+    Pass any learnable tensors that ``fn`` closes over as ``tensors=`` so per-tile backends can
+    compute their gradients. Example: ``from_function(lambda b, h, i, j: -0.01 * (i - j).float())``.
+    """
+    return FunctionBias(fn, tensors, name)
+
+
+class TensorBias(Bias):
+    """A dense float tensor broadcastable to (B, H, Nq, Nk), indexed by query row."""
+
+    def __init__(self, tensor: torch.Tensor, nq: int, nk: int):
+        while tensor.dim() < 4:
+            tensor = tensor.unsqueeze(0)
+        self.tensor, self.nq, self.nk = tensor, nq, nk
+
+    def __call__(self, b, h, q, k):
+        t = self.tensor
+        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
+        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
+        qi = q - (self.nk - self.nq) if t.shape[2] > 1 else torch.zeros_like(q)
+        ki = k if t.shape[3] > 1 else torch.zeros_like(k)
+        return t[bi, hi, qi, ki]
+
+    def tensors(self):
+        return (self.tensor,)
+
+    @property
+    def device(self):
+        return self.tensor.device
+
+    def to_dense(self, nq, nk=None, *, batch=1, heads=1, device=None, dtype=None):
+        return self.tensor if dtype is None else self.tensor.to(dtype)
+
+    def __repr__(self):
+        return f"tensor_bias{tuple(self.tensor.shape)}"
+
+
+__all__ = ["Bias", "from_function", "SumBias", "TensorBias"]

@@ -1,0 +1,458 @@
+"""Mask specs: which (query, key) pairs may attend, as composable data.
+
+Legend: B batch, H query heads, Nq queries, Nk keys, Tq / Tk tiles along queries / keys.
+
+Conventions
+- True = may attend.
+- Positions are in *key coordinates*: query row i of Nq sits at position i + (Nk - Nq), so the
+  last query lines up with the last key (bottom-right alignment). This is what a KV cache needs:
+  a single decoding query is at position Nk - 1. When Nq == Nk it is the usual row index.
+- ``allows(b, h, q, k)`` takes broadcastable int64 index tensors and returns a bool tensor of
+  their broadcast shape; it never loops in Python. Specs that ignore b or h return a result
+  without that dimension, which is how callers learn a mask does not depend on batch or head.
+- ``tiles(...)`` returns an int8 map with EMPTY / PARTIAL / FULL per (block_q, block_k) tile.
+  It may say PARTIAL for a tile that is in fact empty or full (kernels then do a little more
+  work), but never EMPTY for a tile with an allowed pair nor FULL for one with a blocked pair.
+
+Structured specs live here; the sparse ones from the literature (dilated, strided, fixed,
+block-sparse, global tokens, BigBird) are in ``attnkit.sparse_masks`` and re-exported below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validate import shape_str
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _index_grid(batch: int, heads: int, nq: int, nk: int, device) -> tuple[torch.Tensor, ...]:
+    """Index tensors b (B,1,1,1), h (1,H,1,1), q (1,1,Nq,1) in key coordinates, k (1,1,1,Nk)."""
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    q = (torch.arange(nq, device=device) + (nk - nq)).view(1, 1, -1, 1)
+    k = torch.arange(nk, device=device).view(1, 1, 1, -1)
+    return b, h, q, k
+
+
+class Mask:
+    """Base class of mask specs. Subclasses implement ``allows``; may override ``tiles``."""
+
+    def allows(self, b, h, q, k, *, num_keys: int | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement allows()")
+
+    # -- composition ------------------------------------------------------------------------
+    def __and__(self, other: Mask) -> Mask:
+        return And(_as_mask(self), _as_mask(other))
+
+    def __or__(self, other: Mask) -> Mask:
+        return Or(_as_mask(self), _as_mask(other))
+
+    # -- dense form -------------------------------------------------------------------------
+    def to_dense(self, nq: int, nk: int | None = None, *, batch: int = 1, heads: int = 1,
+                 device=None) -> torch.Tensor:
+        """Bool tensor of shape (batch, heads, Nq, Nk) (dims the mask ignores are broadcast)."""
+        nk = nq if nk is None else nk
+        b, h, q, k = _index_grid(batch, heads, nq, nk, device or self.device)
+        out = self.allows(b, h, q, k, num_keys=nk)
+        return torch.broadcast_to(out, (batch, heads, nq, nk))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    # -- tiles ------------------------------------------------------------------------------
+    def tiles(self, nq: int, nk: int, block_q: int, block_k: int, *, batch: int = 1,
+              heads: int = 1, device=None) -> torch.Tensor:
+        """int8 (B', H', Tq, Tk) with EMPTY/PARTIAL/FULL; B' in {1, batch}, H' in {1, heads}."""
+        return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
+
+    # -- pictures ---------------------------------------------------------------------------
+    def picture(self, nq: int = 16, nk: int | None = None, *, batch: int = 0, head: int = 0) -> str:
+        """ASCII picture: one row per query, '#' = may attend, '.' = blocked."""
+        dense = self.to_dense(nq, nk, batch=batch + 1, heads=head + 1)[batch, head]
+        return "\n".join("".join("#" if x else "." for x in row.tolist()) for row in dense)
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.picture()}"
+
+
+def evaluate_tiles(mask: Mask, nq: int, nk: int, block_q: int, block_k: int, *, batch: int = 1,
+                   heads: int = 1, device=None) -> torch.Tensor:
+    """Exact tile map by evaluating ``allows`` one row of tiles at a time.
+
+    Memory O(B * H * block_q * Nk); time O(Nq * Nk) cheap integer work. Specs with a closed
+    form override ``tiles`` instead.
+    """
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"block_q and block_k must be > 0, got {block_q}, {block_k}")
+    device = device or mask.device
+    tq, tk = -(-nq // block_q), -(-nk // block_k)
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    k = torch.arange(tk * block_k, device=device).view(1, 1, 1, -1)
+    k_valid = k < nk
+    rows = []
+    for t in range(tq):
+        q_rows = torch.arange(t * block_q, min((t + 1) * block_q, nq), device=device)
+        q = (q_rows + (nk - nq)).view(1, 1, -1, 1)
+        allowed = mask.allows(b, h, q, k.clamp_max(nk - 1), num_keys=nk)
+        allowed = torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, (1, 1, q.shape[2], k.shape[3])))
+        # (B', H', bq, Tk*bk) -> (B', H', bq, Tk, bk)
+        grid = allowed.reshape(*allowed.shape[:2], allowed.shape[2], tk, block_k)
+        valid = k_valid.view(tk, block_k)
+        any_ = (grid & valid).any(dim=-1).any(dim=2)  # (B', H', Tk)
+        all_ = (grid | ~valid).all(dim=-1).all(dim=2)
+        rows.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
+    return torch.stack(rows, dim=2)  # (B', H', Tq, Tk)
+
+
+def _tile_bounds(nq: int, nk: int, block_q: int, block_k: int, device=None):
+    """First/last query position (key coordinates) and first/last key of each tile.
+
+    Returns q0, q1 of shape (Tq, 1) and k0, k1 of shape (1, Tk), all inclusive.
+    """
+    tq, tk = -(-nq // block_q), -(-nk // block_k)
+    q0 = torch.arange(tq, device=device) * block_q
+    q1 = torch.clamp(q0 + block_q - 1, max=nq - 1)
+    k0 = torch.arange(tk, device=device) * block_k
+    k1 = torch.clamp(k0 + block_k - 1, max=nk - 1)
+    off = nk - nq
+    return (q0 + off).view(-1, 1), (q1 + off).view(-1, 1), k0.view(1, -1), k1.view(1, -1)
+
+
+def _classify(full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    out = torch.where(full, FULL, torch.where(empty, EMPTY, PARTIAL)).to(torch.int8)
+    while out.dim() < 4:
+        out = out.unsqueeze(0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_mask(m) -> Mask:
+    if not isinstance(m, Mask):
+        raise TypeError(f"masks compose only with other mask specs, got {type(m).__name__}")
+    return m
+
+
+class And(Mask):
+    def __init__(self, a: Mask, b: Mask):
+        self.parts = (a, b)
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        return self.parts[0].allows(b, h, q, k, num_keys=num_keys) & self.parts[1].allows(b, h, q, k, num_keys=num_keys)
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
+        # Empty if either is empty; full if both are full; otherwise partial.
+        return torch.minimum(x, y)
+
+    @property
+    def device(self):
+        return self.parts[0].device
+
+    def __repr__(self):
+        return f"({self.parts[0]!r} & {self.parts[1]!r})"
+
+
+class Or(Mask):
+    def __init__(self, a: Mask, b: Mask):
+        self.parts = (a, b)
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        return self.parts[0].allows(b, h, q, k, num_keys=num_keys) | self.parts[1].allows(b, h, q, k, num_keys=num_keys)
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
+        out = torch.maximum(x, y)  # full if either full; empty only if both empty
+        return out
+
+    @property
+    def device(self):
+        return self.parts[0].device
+
+    def __repr__(self):
+        return f"({self.parts[0]!r} | {self.parts[1]!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Positional bands: causal, sliding window, prefix LM
+# ---------------------------------------------------------------------------------------------
+
+
+class Band(Mask):
+    """Keys at offset k - q in [lo, hi] (either end may be None = unbounded)."""
+
+    def __init__(self, lo: int | None, hi: int | None, name: str):
+        self.lo, self.hi, self.name = lo, hi, name
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        d = k - q
+        out = torch.ones_like(d, dtype=torch.bool)
+        if self.lo is not None:
+            out = out & (d >= self.lo)
+        if self.hi is not None:
+            out = out & (d <= self.hi)
+        return out
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
+        dmin, dmax = k0 - q1, k1 - q0
+        full = torch.ones_like(dmin, dtype=torch.bool)
+        empty = torch.zeros_like(dmin, dtype=torch.bool)
+        if self.lo is not None:
+            full &= dmin >= self.lo
+            empty |= dmax < self.lo
+        if self.hi is not None:
+            full &= dmax <= self.hi
+            empty |= dmin > self.hi
+        return _classify(full, empty)
+
+    def __repr__(self):
+        return self.name
+
+
+def causal() -> Mask:
+    """Query at position i attends keys j <= i (bottom-right aligned when Nq != Nk)."""
+    return Band(None, 0, "causal()")
+
+
+def sliding_window(left: int, right: int = 0) -> Mask:
+    """Keys j with i - left <= j <= i + right. right=0 is a causal sliding window.
+
+    Mistral-style window W (including the query itself) is ``sliding_window(W - 1)``.
+    """
+    for name, val in (("left", left), ("right", right)):
+        if not isinstance(val, int) or val < 0:
+            raise ValueError(f"sliding_window: {name} must be an int >= 0, got {val!r}")
+    return Band(-left, right, f"sliding_window({left}, {right})")
+
+
+class PrefixLM(Mask):
+    """Bidirectional over the first ``prefix_len`` keys, causal after (T5/UniLM prefix LM)."""
+
+    def __init__(self, prefix_len):
+        if isinstance(prefix_len, torch.Tensor):
+            if prefix_len.dim() != 1 or prefix_len.dtype in (torch.bool,) or prefix_len.is_floating_point():
+                raise ValueError(f"prefix_len tensor must be 1-D integer (B,), got {prefix_len.dtype} {shape_str(prefix_len)}")
+            self.prefix = prefix_len.to(torch.int64)
+        elif isinstance(prefix_len, int) and prefix_len >= 0:
+            self.prefix = prefix_len
+        else:
+            raise ValueError(f"prefix_lm: prefix_len must be an int >= 0 or a (B,) int tensor, got {prefix_len!r}")
+
+    def _prefix(self, b):
+        if isinstance(self.prefix, int):
+            return self.prefix
+        return self.prefix.to(b.device)[b]
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        return (k <= q) | (k < self._prefix(b))
+
+    @property
+    def device(self):
+        return self.prefix.device if isinstance(self.prefix, torch.Tensor) else torch.device("cpu")
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
+        if isinstance(self.prefix, int):
+            p = self.prefix
+        else:
+            p = self.prefix.to(q0.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        full = (k1 <= q0) | (k1 < p)
+        empty = (k0 > q1) & (k0 >= p)
+        return _classify(full, empty)
+
+    def __repr__(self):
+        p = self.prefix if isinstance(self.prefix, int) else f"tensor{tuple(self.prefix.shape)}"
+        return f"prefix_lm({p})"
+
+
+def prefix_lm(prefix_len) -> Mask:
+    return PrefixLM(prefix_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-dependent masks: padding, packed documents, dense tensors, functions
+# ---------------------------------------------------------------------------------------------
+
+
+class KeyPadding(Mask):
+    """Keys j < lengths[b] are real; later keys are padding and never attended."""
+
+    def __init__(self, lengths: torch.Tensor):
+        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            got = f"{lengths.dtype} {shape_str(lengths)}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+            raise ValueError(f"key_padding: lengths must be a 1-D integer tensor (B,), got {got}")
+        if (lengths < 0).any():
+            raise ValueError(f"key_padding: lengths must be >= 0, got {lengths.tolist()}")
+        self.lengths = lengths.to(torch.int64)
+
+    @property
+    def device(self):
+        return self.lengths.device
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        return k < self.lengths.to(k.device)[b]
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        self._check_batch(batch)
+        _, _, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
+        n = self.lengths.to(k0.device).view(-1, 1, 1, 1)
+        tq = -(-nq // block_q)
+        full = (k1 < n).expand(-1, 1, tq, -1)
+        empty = (k0 >= n).expand(-1, 1, tq, -1)
+        return _classify(full, empty)
+
+    def _check_batch(self, batch):
+        if self.lengths.shape[0] != batch:
+            raise ValueError(f"key_padding: lengths has {self.lengths.shape[0]} entries, expected batch size {batch}")
+
+    def __repr__(self):
+        return f"key_padding({self.lengths.tolist() if self.lengths.numel() <= 8 else 'tensor'})"
+
+
+def key_padding(lengths: torch.Tensor) -> Mask:
+    """Mask padded keys: ``lengths`` (B,) gives the number of real keys of each sequence."""
+    return KeyPadding(lengths)
+
+
+class KeyValid(Mask):
+    """Per-key validity (B, Nk), True = real key. Built from a padding tensor."""
+
+    def __init__(self, valid: torch.Tensor):
+        self.valid = valid
+
+    @property
+    def device(self):
+        return self.valid.device
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        if num_keys is not None and num_keys != self.valid.shape[1]:
+            raise ValueError(f"key padding mask covers {self.valid.shape[1]} keys but the input has Nk={num_keys}")
+        return self.valid.to(k.device)[b, k]
+
+    def __repr__(self):
+        return f"key_padding_from_bool(tensor{tuple(self.valid.shape)})"
+
+
+def key_padding_from_bool(is_pad: torch.Tensor) -> Mask:
+    """From a (B, Nk) bool tensor where True marks PADDING (torch MHA's key_padding_mask)."""
+    if not isinstance(is_pad, torch.Tensor) or is_pad.dtype != torch.bool or is_pad.dim() != 2:
+        got = f"{is_pad.dtype} {shape_str(is_pad)}" if isinstance(is_pad, torch.Tensor) else type(is_pad).__name__
+        raise ValueError(f"key_padding_from_bool: is_pad must be a bool tensor (B, Nk) with True = padding, got {got}")
+    return KeyValid(~is_pad)
+
+
+class Document(Mask):
+    """Packed sequences: a query attends only keys of its own document (ids (B, Nk))."""
+
+    def __init__(self, ids: torch.Tensor):
+        if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.is_floating_point():
+            got = f"{ids.dtype} {shape_str(ids)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"document: ids must be an integer tensor (Nk,) or (B, Nk), got {got}")
+        self.ids = (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64)
+
+    @property
+    def device(self):
+        return self.ids.device
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        if num_keys is not None and num_keys != self.ids.shape[1]:
+            raise ValueError(f"document ids cover {self.ids.shape[1]} positions but the input has Nk={num_keys}")
+        ids = self.ids.to(k.device)
+        bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
+        return ids[bb, q] == ids[bb, k]
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        # Closed form for sorted ids (the packed case): tile full iff one document spans it.
+        ids = self.ids.to(device or self.device)
+        if bool((ids[:, 1:] >= ids[:, :-1]).all()):
+            q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, ids.device)
+            lo_q, hi_q = ids[:, q0.view(-1)].unsqueeze(-1), ids[:, q1.view(-1)].unsqueeze(-1)  # (B', Tq, 1)
+            lo_k, hi_k = ids[:, k0.view(-1)].unsqueeze(1), ids[:, k1.view(-1)].unsqueeze(1)    # (B', 1, Tk)
+            full = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k)
+            empty = (hi_q < lo_k) | (hi_k < lo_q)
+            return _classify(full.unsqueeze(1), empty.unsqueeze(1))
+        return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
+
+    def __repr__(self):
+        return f"document(tensor{tuple(self.ids.shape)})"
+
+
+def document(ids: torch.Tensor) -> Mask:
+    """Packed sequences: ``ids`` (B, Nk) or (Nk,) labels each position with its document."""
+    return Document(ids)
+
+
+class TensorMask(Mask):
+    """A dense bool tensor broadcastable to (B, H, Nq, Nk), wrapped as a spec.
+
+    The tensor is indexed by query *row* (0..Nq-1); positions in key coordinates are shifted back.
+    """
+
+    def __init__(self, tensor: torch.Tensor, nq: int, nk: int):
+        while tensor.dim() < 4:
+            tensor = tensor.unsqueeze(0)
+        self.tensor, self.nq, self.nk = tensor, nq, nk
+
+    @property
+    def device(self):
+        return self.tensor.device
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        t = self.tensor
+        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
+        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
+        qi = q - (self.nk - self.nq) if t.shape[2] > 1 else torch.zeros_like(q)
+        ki = k if t.shape[3] > 1 else torch.zeros_like(k)
+        return t[bi, hi, qi, ki]
+
+    def to_dense(self, nq, nk=None, *, batch=1, heads=1, device=None):
+        nk = nq if nk is None else nk
+        if (nq, nk) != (self.nq, self.nk):
+            raise ValueError(f"this tensor mask is for (Nq, Nk) = ({self.nq}, {self.nk}), asked for ({nq}, {nk})")
+        return torch.broadcast_to(self.tensor, (batch, heads, nq, nk))
+
+    def __repr__(self):
+        return f"tensor_mask{tuple(self.tensor.shape)}"
+
+
+class FunctionMask(Mask):
+    def __init__(self, fn, name: str | None = None):
+        self.fn, self.name = fn, name or getattr(fn, "__name__", "fn")
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        out = self.fn(b, h, q, k)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+            raise TypeError(f"mask function {self.name} must return a bool tensor, got {getattr(out, 'dtype', type(out))}")
+        return out
+
+    def __repr__(self):
+        return f"from_function({self.name})"
+
+
+def from_function(fn, name: str | None = None) -> Mask:
+    """A mask from ``fn(b, h, q, k) -> bool tensor`` (flex's mask_mod; q in key coordinates)."""
+    return FunctionMask(fn, name)
+
+
+from .sparse_masks import (  # noqa: E402  (they subclass Mask, defined above)
+    bigbird,
+    block_sparse,
+    dilated,
+    fixed,
+    global_tokens,
+    strided,
+)
+
+__all__ = [
+    "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "prefix_lm", "key_padding",
+    "key_padding_from_bool", "document", "from_function", "dilated", "strided", "fixed",
+    "block_sparse", "global_tokens", "bigbird", "evaluate_tiles",
+]
