@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "demo": ("attnkit.cli.demo", "run every implemented variant on a default workload and check it against float64"),
     "show": ("attnkit.cli.show", "draw a mask spec (ASCII and PNG) or a positional bias (heat map)"),
-    "bench": ("attnkit.cli.bench", "benchmark backends and peers: time, peak memory, GFLOP/s"),
+    # "bench": ("attnkit.cli.bench", "benchmark backends and peers: time, peak memory, GFLOP/s"),
 }
 
 
@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, TypeError) as e:  # bad input: a clear message, not a traceback
+        if args.verbose:
+            raise
+        print(f"attnkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Demo rows, one module per topic; each exports ``cases() -> list[DemoCase]``."""
