@@ -7,12 +7,19 @@ shape it got, and what was expected, so that a user can fix the call without rea
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 
 def shape_str(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    """The shape as a Python tuple reads: (2, 3), (5,), ()."""
+    return str(tuple(t.shape))
+
+
+def _is_real(x: object) -> bool:
+    """A real Python/NumPy number that is not a bool or a tensor."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
 
 
 def check_rank4(name: str, t: object, legend: str) -> torch.Tensor:
@@ -42,7 +49,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"k {shape_str(k)} and v {shape_str(v)} must agree in heads and length (dims 1, 2)")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head dim of q ({q.shape[3]}) must equal head dim of k ({k.shape[3]})")
+        raise ValueError(
+            f"head dim of q ({q.shape[3]}) must equal head dim of k ({k.shape[3]}): q {shape_str(q)}, "
+            f"k {shape_str(k)}; expected q (B, Hq, Nq, D) and k (B, Hk, Nk, D)"
+        )
     hq, hk = q.shape[1], k.shape[1]
     if hk == 0 or hq % hk != 0:
         raise ValueError(
@@ -55,7 +65,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def check_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+    if not _is_real(scale):
         raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
@@ -63,17 +73,34 @@ def check_scale(scale: float | None, head_dim: int) -> float:
 
 
 def check_dropout(p: float) -> float:
-    if not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
+    if not _is_real(p):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(p).__name__}")
+    if not (0.0 <= p < 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
     return float(p)
+
+
+def check_seed(seed: int | None) -> int | None:
+    if seed is None:
+        return None
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"dropout_seed must be an int or None, got {type(seed).__name__}")
+    return int(seed)
 
 
 def check_softcap(c: float | None) -> float | None:
     if c is None:
         return None
-    if not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+    if not _is_real(c):
+        raise TypeError(f"softcap must be a finite number > 0 (or None), got {type(c).__name__}")
+    if not math.isfinite(c) or c <= 0:
         raise ValueError(f"softcap must be a finite number > 0 (or None), got {c!r}")
     return float(c)
+
+
+def check_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with .to(q.device)")
 
 
 def check_broadcastable(name: str, t: torch.Tensor, target: tuple[int, ...], legend: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ._validate import shape_str
 from .masks import _index_grid
 
 
@@ -26,6 +27,9 @@ class Bias:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Tensors the bias reads that may require grad (for per-tile backward passes)."""
         return ()
+
+    def check(self, nq: int, nk: int, *, batch: int = 1, heads: int = 1) -> None:
+        """Raise a ValueError if this spec cannot describe a (batch, heads, Nq, Nk) input."""
 
     @property
     def device(self) -> torch.device:
@@ -63,6 +67,10 @@ class SumBias(Bias):
 
     def tensors(self):
         return tuple(t for p in self.parts for t in p.tensors())
+
+    def check(self, nq, nk, *, batch=1, heads=1):
+        for p in self.parts:
+            p.check(nq, nk, batch=batch, heads=heads)
 
     @property
     def device(self):
@@ -109,9 +117,20 @@ class TensorBias(Bias):
     """A dense float tensor broadcastable to (B, H, Nq, Nk), indexed by query row."""
 
     def __init__(self, tensor: torch.Tensor, nq: int, nk: int):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() > 4:
+            got = f"{tensor.dtype} {shape_str(tensor)}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"TensorBias: tensor must be a floating-point tensor with <= 4 dims, got {got}")
         while tensor.dim() < 4:
             tensor = tensor.unsqueeze(0)
         self.tensor, self.nq, self.nk = tensor, nq, nk
+
+    def check(self, nq, nk, *, batch=1, heads=1):
+        want = (batch, heads, nq, nk)
+        if any(g not in (1, w) for g, w in zip(self.tensor.shape, want)) or (nq, nk) != (self.nq, self.nk):
+            raise ValueError(
+                f"bias tensor of shape {shape_str(self.tensor)} (for Nq={self.nq}, Nk={self.nk}) does not broadcast "
+                f"to (B, Hq, Nq, Nk) = {want}"
+            )
 
     def __call__(self, b, h, q, k):
         t = self.tensor

@@ -5,13 +5,31 @@
 reasons; when nothing fits, the error lists every backend and why. The choice is logged at
 DEBUG level on the ``attnkit`` logger.
 
-Decision table for ``auto`` (first that fits):
+Decision table for ``auto`` (first backend in the order whose reasons are empty; "small" means
+B * Hq * Nq * Nk <= 2^20, where materialising a mask for sdpa costs less than the Python tile
+loop; numbers behind each row are in docs/performance.md, measured by ``attnkit bench``):
 
-| call                                              | order                          |
-|---------------------------------------------------|--------------------------------|
-| return_weights=True                               | reference                      |
-| no mask / plain causal / dense tensor mask or bias | sdpa, reference               |
-| anything else (structured mask specs, bias specs, softcap, dropout) | sdpa, reference |
+| call                                                        | CPU order                  | CUDA order                       |
+|-------------------------------------------------------------|----------------------------|----------------------------------|
+| return_weights=True                                         | reference                  | reference                        |
+| no mask or plain causal (Nq == Nk), no bias; grads or not   | sdpa, blockwise, reference | sdpa, blockwise, reference       |
+| dense bool-tensor mask and/or float bias tensor             | sdpa, blockwise, reference | sdpa, blockwise, reference       |
+| small call, any mask spec / bias spec                       | sdpa, blockwise, reference | sdpa, flex, blockwise, reference |
+| sliding window, block sparse, document, other mask specs,   | blockwise, sdpa, reference | flex, blockwise, sdpa, reference |
+|   causal with Nq != Nk, bias specs; grads or not            |                            |                                  |
+| softcap, or dropout_p > 0 (sdpa cannot reproduce them)      | blockwise, reference       | flex, blockwise, reference       |
+
+Reasons behind the rows:
+- sdpa's fused flash kernel is the fastest exact path for dense and causal attention (forward and
+  backward) on CPU and CUDA; auto simply calls it there.
+- A mask spec or bias spec given to sdpa is materialised as an Nq x Nk tensor and skips no work;
+  blockwise skips empty tiles and keeps memory O(N * D), forward and backward, with no compile.
+- flex is not in the CPU order: it has no CPU backward, compiles for ~10 s per new shape, and the
+  benchmark shows blockwise at least as fast for the structured masks (docs/performance.md).
+  On CUDA its compiled Triton kernels do the same tile skipping at fused-kernel speed (flex
+  refuses, by its reasons, dropout and gradients to bias-spec tensors, so blockwise takes those).
+  There is no GPU on the development machine: the CUDA column follows what sdpa and flex do there
+  and is not benchmarked.
 """
 
 from __future__ import annotations
@@ -20,6 +38,7 @@ import logging
 
 from .backends import BACKENDS
 from .backends.base import AttentionCall
+from .biases import TensorBias
 
 log = logging.getLogger("attnkit")
 
@@ -28,10 +47,37 @@ class NoBackendError(RuntimeError):
     """No backend can run this call; the message lists each backend's reasons."""
 
 
+SMALL_ELEMENTS = 1 << 20
+
+
+def _is_plain(call: AttentionCall) -> bool:
+    """No mask, or the causal band with Nq == Nk (sdpa's is_causal), or dense tensors."""
+    from .masks import Band, TensorMask
+
+    B, Hq, Hk, Nq, Nk, D = call.shape
+    m = call.mask
+    mask_plain = (m is None or isinstance(m, TensorMask)
+                  or (isinstance(m, Band) and m.lo is None and m.hi == 0 and Nq == Nk))
+    bias_plain = call.bias is None or isinstance(call.bias, TensorBias)
+    return mask_plain and bias_plain
+
+
 def auto_order(call: AttentionCall) -> list[str]:
+    """Backends to try, best first (see the decision table in the module docstring)."""
     if call.return_weights:
         return ["reference"]
-    return [n for n in ("sdpa", "reference") if n in BACKENDS]
+    B, Hq, Hk, Nq, Nk, D = call.shape
+    cuda = call.q.device.type == "cuda"
+    small = B * Hq * Nq * Nk <= SMALL_ELEMENTS
+    if call.softcap is not None or call.dropout_p > 0:
+        order = ["flex", "blockwise", "reference"] if cuda else ["blockwise", "reference"]
+    elif _is_plain(call):
+        order = ["sdpa", "blockwise", "reference"]
+    elif small:
+        order = ["sdpa", "flex", "blockwise", "reference"] if cuda else ["sdpa", "blockwise", "reference"]
+    else:
+        order = ["flex", "blockwise", "sdpa", "reference"] if cuda else ["blockwise", "sdpa", "reference"]
+    return [n for n in order if n in BACKENDS]
 
 
 def choose(call: AttentionCall, backend: str) -> str:

@@ -13,6 +13,13 @@ Conventions
 - ``tiles(...)`` returns an int8 map with EMPTY / PARTIAL / FULL per (block_q, block_k) tile.
   It may say PARTIAL for a tile that is in fact empty or full (kernels then do a little more
   work), but never EMPTY for a tile with an allowed pair nor FULL for one with a blocked pair.
+- ``check(nq, nk, batch=, heads=)`` raises a ValueError naming the spec and the mismatch when
+  data the spec carries (lengths, ids, layouts, flags) does not fit the input's sizes;
+  ``attnkit.attention`` calls it once before any backend runs.
+- ``allows`` is branch-free (no ``.item()``, no data-dependent Python control flow) so it can be
+  traced elementwise (flex's vmap). Specs that look up per-position data by the *query*
+  position (document ids, block layouts, global flags) define a query before key 0 (possible
+  when Nq > Nk) as belonging to no document / layout row / global set.
 
 Structured specs live here; the sparse ones from the literature (dilated, strided, fixed,
 block-sparse, global tokens, BigBird) are in ``attnkit.sparse_masks`` and re-exported below.
@@ -42,6 +49,13 @@ class Mask:
     def allows(self, b, h, q, k, *, num_keys: int | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement allows()")
 
+    def check(self, nq: int, nk: int, *, batch: int = 1, heads: int = 1) -> None:
+        """Raise a ValueError if this spec cannot describe a (batch, heads, Nq, Nk) input."""
+
+    def _size_hint(self) -> tuple[int, int] | None:
+        """(Nq, Nk) the spec's data is for (None = any size), used by ``picture``."""
+        return None
+
     # -- composition ------------------------------------------------------------------------
     def __and__(self, other: Mask) -> Mask:
         return And(_as_mask(self), _as_mask(other))
@@ -69,8 +83,14 @@ class Mask:
         return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
 
     # -- pictures ---------------------------------------------------------------------------
-    def picture(self, nq: int = 16, nk: int | None = None, *, batch: int = 0, head: int = 0) -> str:
-        """ASCII picture: one row per query, '#' = may attend, '.' = blocked."""
+    def picture(self, nq: int | None = None, nk: int | None = None, *, batch: int = 0, head: int = 0) -> str:
+        """ASCII picture: one row per query, '#' = may attend, '.' = blocked.
+
+        Default size: the length the spec's data is for (padding, document ids), else 16.
+        """
+        if nq is None:
+            nq, nk_hint = self._size_hint() or (16, 16)
+            nk = nk_hint if nk is None else nk
         dense = self.to_dense(nq, nk, batch=batch + 1, heads=head + 1)[batch, head]
         return "\n".join("".join("#" if x else "." for x in row.tolist()) for row in dense)
 
@@ -129,6 +149,17 @@ def _classify(full: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _check_rows(fn: str, what: str, rows: int, batch: int, shared_ok: bool = False) -> None:
+    if rows != batch and not (shared_ok and rows == 1):
+        hint = " (or 1 row, shared by the batch)" if shared_ok else ""
+        raise ValueError(f"{fn}: {what} has {rows} rows, expected batch size B={batch}{hint}")
+
+
+def _check_keys(fn: str, what: str, n: int, nk: int) -> None:
+    if n != nk:
+        raise ValueError(f"{fn}: {what} covers {n} keys/positions but the input has Nk={nk}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Composition
 # ---------------------------------------------------------------------------------------------
@@ -140,44 +171,49 @@ def _as_mask(m) -> Mask:
     return m
 
 
-class And(Mask):
+class _Composite(Mask):
+    """Two specs combined elementwise; ``parts`` holds them. Subclasses set the ops."""
+
+    symbol = "?"
+    _op = staticmethod(torch.logical_and)
+
     def __init__(self, a: Mask, b: Mask):
         self.parts = (a, b)
 
     def allows(self, b, h, q, k, *, num_keys=None):
-        return self.parts[0].allows(b, h, q, k, num_keys=num_keys) & self.parts[1].allows(b, h, q, k, num_keys=num_keys)
+        return self._op(*(p.allows(b, h, q, k, num_keys=num_keys) for p in self.parts))
 
-    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
-        # Empty if either is empty; full if both are full; otherwise partial.
-        return torch.minimum(x, y)
+    def check(self, nq, nk, *, batch=1, heads=1):
+        for p in self.parts:
+            p.check(nq, nk, batch=batch, heads=heads)
 
     @property
     def device(self):
         return self.parts[0].device
 
+    def _size_hint(self):
+        return self.parts[0]._size_hint() or self.parts[1]._size_hint()
+
     def __repr__(self):
-        return f"({self.parts[0]!r} & {self.parts[1]!r})"
+        return f"({self.parts[0]!r} {self.symbol} {self.parts[1]!r})"
 
 
-class Or(Mask):
-    def __init__(self, a: Mask, b: Mask):
-        self.parts = (a, b)
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        return self.parts[0].allows(b, h, q, k, num_keys=num_keys) | self.parts[1].allows(b, h, q, k, num_keys=num_keys)
+class And(_Composite):
+    symbol = "&"
+    _op = staticmethod(torch.logical_and)
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
-        out = torch.maximum(x, y)  # full if either full; empty only if both empty
-        return out
+        return torch.minimum(x, y)  # EMPTY if either is empty; FULL only if both are full
 
-    @property
-    def device(self):
-        return self.parts[0].device
 
-    def __repr__(self):
-        return f"({self.parts[0]!r} | {self.parts[1]!r})"
+class Or(_Composite):
+    symbol = "|"
+    _op = staticmethod(torch.logical_or)
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
+        return torch.maximum(x, y)  # FULL if either is full; EMPTY only if both are empty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,9 +275,11 @@ class PrefixLM(Mask):
     def __init__(self, prefix_len):
         if isinstance(prefix_len, torch.Tensor):
             if prefix_len.dim() != 1 or prefix_len.dtype in (torch.bool,) or prefix_len.is_floating_point():
-                raise ValueError(f"prefix_len tensor must be 1-D integer (B,), got {prefix_len.dtype} {shape_str(prefix_len)}")
+                raise ValueError(f"prefix_lm: prefix_len tensor must be 1-D integer (B,), got {prefix_len.dtype} {shape_str(prefix_len)}")
+            if (prefix_len < 0).any():
+                raise ValueError(f"prefix_lm: prefix_len must be >= 0, got {prefix_len.tolist()}")
             self.prefix = prefix_len.to(torch.int64)
-        elif isinstance(prefix_len, int) and prefix_len >= 0:
+        elif isinstance(prefix_len, int) and not isinstance(prefix_len, bool) and prefix_len >= 0:
             self.prefix = prefix_len
         else:
             raise ValueError(f"prefix_lm: prefix_len must be an int >= 0 or a (B,) int tensor, got {prefix_len!r}")
@@ -258,7 +296,12 @@ class PrefixLM(Mask):
     def device(self):
         return self.prefix.device if isinstance(self.prefix, torch.Tensor) else torch.device("cpu")
 
+    def check(self, nq, nk, *, batch=1, heads=1):
+        if isinstance(self.prefix, torch.Tensor) and self.prefix.shape[0] != batch:
+            raise ValueError(f"prefix_lm: prefix_len has {self.prefix.shape[0]} entries, expected batch size B={batch}")
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        self.check(nq, nk, batch=batch, heads=heads)
         q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
         if isinstance(self.prefix, int):
             p = self.prefix
@@ -300,18 +343,18 @@ class KeyPadding(Mask):
     def allows(self, b, h, q, k, *, num_keys=None):
         return k < self.lengths.to(k.device)[b]
 
+    def check(self, nq, nk, *, batch=1, heads=1):
+        if self.lengths.shape[0] != batch:
+            raise ValueError(f"key_padding: lengths has {self.lengths.shape[0]} entries, expected batch size B={batch}")
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        self._check_batch(batch)
+        self.check(nq, nk, batch=batch, heads=heads)
         _, _, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
         n = self.lengths.to(k0.device).view(-1, 1, 1, 1)
         tq = -(-nq // block_q)
         full = (k1 < n).expand(-1, 1, tq, -1)
         empty = (k0 >= n).expand(-1, 1, tq, -1)
         return _classify(full, empty)
-
-    def _check_batch(self, batch):
-        if self.lengths.shape[0] != batch:
-            raise ValueError(f"key_padding: lengths has {self.lengths.shape[0]} entries, expected batch size {batch}")
 
     def __repr__(self):
         return f"key_padding({self.lengths.tolist() if self.lengths.numel() <= 8 else 'tensor'})"
@@ -332,9 +375,16 @@ class KeyValid(Mask):
     def device(self):
         return self.valid.device
 
+    def check(self, nq, nk, *, batch=1, heads=1):
+        _check_rows("key_padding_from_bool", "is_pad", self.valid.shape[0], batch)
+        _check_keys("key_padding_from_bool", "is_pad", self.valid.shape[1], nk)
+
+    def _size_hint(self):
+        return self.valid.shape[1], self.valid.shape[1]
+
     def allows(self, b, h, q, k, *, num_keys=None):
-        if num_keys is not None and num_keys != self.valid.shape[1]:
-            raise ValueError(f"key padding mask covers {self.valid.shape[1]} keys but the input has Nk={num_keys}")
+        if num_keys is not None:
+            _check_keys("key_padding_from_bool", "is_pad", self.valid.shape[1], num_keys)
         return self.valid.to(k.device)[b, k]
 
     def __repr__(self):
@@ -362,17 +412,26 @@ class Document(Mask):
     def device(self):
         return self.ids.device
 
+    def check(self, nq, nk, *, batch=1, heads=1):
+        _check_rows("document", "ids", self.ids.shape[0], batch, shared_ok=True)
+        _check_keys("document", "ids", self.ids.shape[1], nk)
+
+    def _size_hint(self):
+        return self.ids.shape[1], self.ids.shape[1]
+
     def allows(self, b, h, q, k, *, num_keys=None):
-        if num_keys is not None and num_keys != self.ids.shape[1]:
-            raise ValueError(f"document ids cover {self.ids.shape[1]} positions but the input has Nk={num_keys}")
+        if num_keys is not None:
+            _check_keys("document", "ids", self.ids.shape[1], num_keys)
         ids = self.ids.to(k.device)
         bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
-        return ids[bb, q] == ids[bb, k]
+        # A query before key 0 (Nq > Nk) belongs to no document.
+        return (ids[bb, q.clamp_min(0)] == ids[bb, k]) & (q >= 0)
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         # Closed form for sorted ids (the packed case): tile full iff one document spans it.
+        self.check(nq, nk, batch=batch, heads=heads)
         ids = self.ids.to(device or self.device)
-        if bool((ids[:, 1:] >= ids[:, :-1]).all()):
+        if nq <= nk and bool((ids[:, 1:] >= ids[:, :-1]).all()):
             q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, ids.device)
             lo_q, hi_q = ids[:, q0.view(-1)].unsqueeze(-1), ids[:, q1.view(-1)].unsqueeze(-1)  # (B', Tq, 1)
             lo_k, hi_k = ids[:, k0.view(-1)].unsqueeze(1), ids[:, k1.view(-1)].unsqueeze(1)    # (B', 1, Tk)
@@ -405,7 +464,20 @@ class TensorMask(Mask):
     def device(self):
         return self.tensor.device
 
+    def check(self, nq, nk, *, batch=1, heads=1):
+        want = (batch, heads, nq, nk)
+        if any(g not in (1, w) for g, w in zip(self.tensor.shape, want)) or (nq, nk) != (self.nq, self.nk):
+            raise ValueError(
+                f"mask tensor of shape {shape_str(self.tensor)} (for Nq={self.nq}, Nk={self.nk}) does not broadcast "
+                f"to (B, Hq, Nq, Nk) = {want}"
+            )
+
+    def _size_hint(self):
+        return self.nq, self.nk
+
     def allows(self, b, h, q, k, *, num_keys=None):
+        if num_keys is not None and num_keys != self.nk:
+            raise ValueError(f"this tensor mask is for Nk={self.nk}, asked for Nk={num_keys}")
         t = self.tensor
         bi = b if t.shape[0] > 1 else torch.zeros_like(b)
         hi = h if t.shape[1] > 1 else torch.zeros_like(h)

@@ -8,6 +8,9 @@ Legend: i = query position (key coordinates), j = key position, bs = block size.
 - block_sparse(layout, block_size): any block layout (the paper's and DeepSpeed's form).
 - global_tokens(indices): Longformer's global attention (Beltagy et al. 2020).
 - bigbird(...): Zaheer et al. 2020, window + global + random blocks.
+
+Queries before key 0 (positions < 0, when Nq > Nk) are in no layout row or BigBird block (they
+attend nothing) and are not global tokens (they still attend global keys).
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ import torch
 
 from ._hash import hash_coords
 from ._validate import shape_str
-from .masks import EMPTY, FULL, PARTIAL, Mask, _classify, _tile_bounds, evaluate_tiles
+from .masks import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    Mask,
+    _check_keys,
+    _check_rows,
+    _classify,
+    evaluate_tiles,
+)
 
 
 def _pos_int(name: str, fn: str, val, minimum: int = 1) -> int:
@@ -115,6 +127,18 @@ class BlockSparse(Mask):
     def device(self):
         return self.layout.device
 
+    def check(self, nq, nk, *, batch=1, heads=1):
+        if self.layout.shape[0] not in (1, heads):
+            raise ValueError(
+                f"block_sparse: layout {shape_str(self.layout)} has {self.layout.shape[0]} heads, expected 1 "
+                f"(shared) or Hq={heads}"
+            )
+        self._check(nq, nk)
+
+    def _size_hint(self):
+        n = min(self.layout.shape[1], self.layout.shape[2]) * self.block_size
+        return n, n
+
     def _check(self, nq_pos: int, nk: int):
         need = -(-nk // self.block_size)
         if self.layout.shape[1] < need or self.layout.shape[2] < need:
@@ -128,13 +152,14 @@ class BlockSparse(Mask):
             self._check(num_keys, num_keys)
         lay = self.layout.to(k.device)
         hi = h if lay.shape[0] > 1 else torch.zeros_like(h)
-        return lay[hi, torch.div(q, self.block_size, rounding_mode="floor"), torch.div(k, self.block_size, rounding_mode="floor")]
+        qb = torch.div(q.clamp_min(0), self.block_size, rounding_mode="floor")
+        return lay[hi, qb, torch.div(k, self.block_size, rounding_mode="floor")] & (q >= 0)
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         bs = self.block_size
-        if (nk - nq) % bs or block_q % bs or block_k % bs:
+        self.check(nq, nk, batch=batch, heads=heads)
+        if nq > nk or (nk - nq) % bs or block_q % bs or block_k % bs:
             return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
-        self._check(nk, nk)
         lay = self.layout.to(device or self.device)
         off = (nk - nq) // bs
         nqb, nkb = -(-nq // bs), -(-nk // bs)
@@ -181,24 +206,37 @@ class GlobalTokens(Mask):
     def device(self):
         return (self.flags if self.flags is not None else self.indices).device
 
-    def _is_global(self, b, pos, nk):
+    def check(self, nq, nk, *, batch=1, heads=1):
         if self.flags is not None:
-            if nk is not None and self.flags.shape[1] != nk:
-                raise ValueError(f"global_tokens: flags cover {self.flags.shape[1]} positions, input has Nk={nk}")
-            return self.flags.to(pos.device)[b, pos]
-        flags = torch.zeros(int(max(pos.max().item(), self.indices.max().item())) + 1, dtype=torch.bool, device=pos.device)
-        flags[self.indices.to(pos.device)] = True
-        return flags[pos]
+            _check_rows("global_tokens", "flags", self.flags.shape[0], batch)
+            _check_keys("global_tokens", "flags", self.flags.shape[1], nk)
+        elif self.indices.numel() and int(self.indices.max()) >= nk:
+            raise ValueError(f"global_tokens: indices must be < Nk={nk}, got {self.indices.tolist()}")
+
+    def _size_hint(self):
+        return None if self.flags is None else (self.flags.shape[1], self.flags.shape[1])
+
+    def _is_global(self, b, pos, nk):
+        """Whether position ``pos`` is global; positions < 0 (queries before key 0) are not."""
+        inside = pos >= 0
+        pos = pos.clamp_min(0)
+        if self.flags is not None:
+            if nk is not None:
+                _check_keys("global_tokens", "flags", self.flags.shape[1], nk)
+            return self.flags.to(pos.device)[b, pos] & inside
+        # Branch-free (traceable elementwise): compare with every index, O(|pos| * len(indices)).
+        return (pos.unsqueeze(-1) == self.indices.to(pos.device)).any(-1) & inside
 
     def allows(self, b, h, q, k, *, num_keys=None):
         return self._is_global(b, q, num_keys) | self._is_global(b, k, num_keys)
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        self.check(nq, nk, batch=batch, heads=heads)
         device = device or self.device
         pos = torch.arange(nk, device=device)
         b = torch.arange(batch if self.flags is not None else 1, device=device).view(-1, 1)
         g = self._is_global(b, pos.view(1, -1), nk)  # (B', Nk)
-        gq = g[:, nk - nq:]
+        gq = self._is_global(b, (torch.arange(nq, device=device) + (nk - nq)).view(1, -1), nk)  # (B', Nq)
         tq, tk = -(-nq // block_q), -(-nk // block_k)
         def pool(x, blk, t, fill, op):  # (B', N) -> (B', t)
             x = torch.nn.functional.pad(x.float(), (0, t * blk - x.shape[1]), value=fill)
@@ -233,6 +271,9 @@ class BigBird(Mask):
     def __init__(self, block_size, window_blocks, global_blocks, random_blocks, seed):
         self.block_size = _pos_int("block_size", "bigbird", block_size)
         self.window_blocks = _pos_int("window_blocks", "bigbird", window_blocks)
+        if window_blocks % 2 == 0:
+            raise ValueError(f"bigbird: window_blocks must be odd (the block and the same number of neighbours "
+                             f"on each side), got {window_blocks}")
         self.global_blocks = _pos_int("global_blocks", "bigbird", global_blocks, 0)
         self.random_blocks = _pos_int("random_blocks", "bigbird", random_blocks, 0)
         self.seed = int(seed)
@@ -248,7 +289,7 @@ class BigBird(Mask):
             nkb = -(-num_keys // bs)
             for r in range(self.random_blocks):
                 ok = ok | (hash_coords(self.seed, h, qb, r) % nkb == kb)
-        return ok
+        return ok & (q >= 0)  # a query before key 0 is in no block
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)

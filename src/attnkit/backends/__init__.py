@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .base import AttentionCall, Backend
+from .blockwise import BlockwiseBackend
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 
@@ -15,5 +17,7 @@ def register_backend(backend: Backend) -> None:
 
 register_backend(ReferenceBackend())
 register_backend(SdpaBackend())
+register_backend(BlockwiseBackend())
+register_backend(FlexBackend())
 
 __all__ = ["AttentionCall", "Backend", "BACKENDS", "register_backend"]

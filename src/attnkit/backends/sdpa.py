@@ -8,6 +8,10 @@ dropout pattern cannot be reproduced by the other backends), and never a fully m
 handed over as torch's is_causal when that means the same (plain causal with Nq == Nk),
 otherwise materialised as a (B, Hq, Nq, Nk) bool or float tensor: it costs Nq * Nk memory and
 skips no work, which is why ``auto`` prefers blockwise for structured sparse masks.
+
+Biases are added in float32 for half/bfloat16 inputs, like the reference: torch needs the float
+attn_mask in the input dtype, so when the bias (computed in float32) is not exactly representable
+in that dtype, q, k, v are upcast to float32 for the call and the output is cast back.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from ..masks import Band, TensorMask
 from .base import AttentionCall, Backend
+from .reference import compute_dtype
 
 # Above this many mask/bias elements we refuse to materialise a mask for sdpa (4 GiB of float32).
 MAX_DENSE_ELEMENTS = 1 << 30
@@ -49,7 +54,8 @@ class SdpaBackend(Backend):
             if not bool(allowed.any(dim=-1).all()):
                 reasons.append("the mask has fully masked query rows, which sdpa turns into NaN/uniform weights")
         if call.bias is not None and not reasons:
-            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device, dtype=call.q.dtype)
+            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device,
+                                      dtype=compute_dtype(call.q.dtype))
             if bool(torch.isinf(bias).any()):
                 reasons.append("the bias has infinite entries (rows could be fully masked); pass a bool mask instead")
         return reasons
@@ -67,14 +73,21 @@ class SdpaBackend(Backend):
         attn_mask = None
         if call.mask is not None and not is_causal:
             attn_mask = self._dense_mask(call)  # bool, True = attend
+        q, k, v = call.q, call.k, call.v
         if call.bias is not None:
-            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device, dtype=call.q.dtype)
+            ct = compute_dtype(q.dtype)
+            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=q.device, dtype=ct)
+            if ct != q.dtype:
+                if bool((bias.detach().to(q.dtype).to(ct) == bias.detach()).all()):
+                    bias = bias.to(q.dtype)  # exact in the input dtype: no need to upcast
+                else:  # rounding the bias would change the scores: compute in float32
+                    q, k, v = q.to(ct), k.to(ct), v.to(ct)
             if is_causal:
                 attn_mask, is_causal = call.mask.to_dense(Nq, Nk, device=call.q.device), False
             if attn_mask is not None:
                 bias = bias.masked_fill(~attn_mask, float("-inf"))
             attn_mask = bias
-        return F.scaled_dot_product_attention(
-            call.q, call.k, call.v, attn_mask=attn_mask, is_causal=is_causal,
-            scale=call.scale, enable_gqa=Hq != Hk,
-        )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=call.scale, enable_gqa=Hq != Hk,
+        )  # (B, Hq, Nq, Dv)
+        return out.to(call.q.dtype)

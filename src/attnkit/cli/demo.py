@@ -38,10 +38,10 @@ def all_cases() -> list[DemoCase]:
 
 def _measure(case: DemoCase, repeats: int) -> dict:
     prep = case.prepare()
-    out = prep.run()  # warm-up (and the value we check)
-    times = []
     base = _memory.rss_mib()
     _memory.reset_peak_rss()
+    out = prep.run()  # warm-up (and the value we check); counted in the peak
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         prep.run()
@@ -77,7 +77,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     cases = [c for c in all_cases() if args.only is None or args.only in c.variant]
     print(f"attnkit demo: {len(cases)} variants, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "error is max |fast - float64 reference|; peak MiB is the RSS growth while the timed runs ran\n")
+          "error is max |fast - float64 reference|; peak MiB is the RSS growth from just before the first run
+(memory freed by earlier rows and reused is not counted: `attnkit bench` measures each case in a fresh process)\n")
     rows, skipped = [], []
     for case in cases:
         try:

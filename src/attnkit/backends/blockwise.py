@@ -1,0 +1,290 @@
+"""The blockwise backend: memory-bounded exact attention that skips masked tiles and trains.
+
+Legend: B batch, Hq query heads, Hk key/value heads (G = Hq // Hk), Nq queries, Nk keys,
+D head dim, Dv value dim, bq / bk tile sizes, Tq = ceil(Nq / bq), Tk = ceil(Nk / bk).
+
+FlashAttention-2 (Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and
+Work Partitioning", Algorithms 1 and 2) written in PyTorch: an online softmax over
+(bq, bk) tiles with running max and sum in float32 (float64 for float64 inputs), and a custom
+autograd Function that saves only the output and the log-sum-exp and recomputes tiles in
+backward. Peak extra memory O(B * H * N * D + one work item), never O(Nq * Nk), forward and
+backward; time O(number of non-empty tiles * bq * bk * D).
+
+The mask spec's ``tiles()`` map decides the work: EMPTY tiles are skipped, FULL tiles need no
+mask, the mask is evaluated only on items that contain a PARTIAL tile. Bias specs are evaluated
+per item from positions; their learnable tensors (``bias.tensors()``) get gradients from the
+per-tile dS (a dense float bias tensor by scatter-add, other specs by autograd on the tile's
+bias evaluation). Two schedules share the tile math of ``blockwise_tiles``:
+
+- stream: for each query block, runs of consecutive non-empty key tiles of equal status (a
+  contiguous slice of K/V, no copy), folded in by the online softmax. Used for dense, causal,
+  document and other masks whose rows reach far.
+- gather: when every query block needs at most a few key tiles (sliding windows, block-sparse
+  layouts, dilated/BigBird patterns), the tiles of many query blocks are gathered and
+  processed as one batched matmul, one softmax per block: no Python loop over tiles.
+
+Dropout uses ``attnkit._hash.dropout_keep(seed, p, b, h, i, j)`` at the same coordinates as the
+reference, so it equals the reference exactly and backward regenerates the same pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..biases import TensorBias
+from ..masks import EMPTY, FULL, PARTIAL
+from .base import AttentionCall, Backend
+from .blockwise_tiles import (
+    GatherKeys,
+    Geometry,
+    RangeKeys,
+    backward_group,
+    flatten_bias,
+    forward_group,
+)
+from .reference import compute_dtype
+
+
+@dataclass(frozen=True)
+class BlockwiseOptions:
+    """Tile sizes and per-item memory budget.
+
+    block_q, block_k: tile sizes (rows of queries, keys). item_elements: score elements
+    (B * Hq * rows * keys) of one work item; a few score-sized float tensors are live at once.
+    gather_max_keys: the gather schedule is used when each query block needs at most this many
+    keys and padding rows to the longest wastes at most ``gather_max_waste`` of the work.
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    item_elements: int = 1 << 20
+    gather_max_keys: int = 2048
+    gather_max_waste: float = 1.34
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "item_elements", "gather_max_keys"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"BlockwiseOptions.{name} must be an int > 0, got {v!r}")
+        if not self.gather_max_waste >= 1.0:
+            raise ValueError(f"BlockwiseOptions.gather_max_waste must be >= 1, got {self.gather_max_waste!r}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    geom: Geometry
+    schedule: str  # "stream" or "gather"
+    groups: tuple  # ((t0, t1, (keys, ...)), ...)
+    Dv: int
+
+
+def tile_status(call: AttentionCall, bq: int, bk: int) -> torch.Tensor:
+    """(Tq, Tk) int8 EMPTY/PARTIAL/FULL, reduced over batch and heads; key padding is PARTIAL."""
+    B, Hq, Hk, Nq, Nk, D = call.shape
+    Tq, Tk = -(-Nq // bq), -(-Nk // bk)
+    dev = call.q.device
+    if call.mask is None:
+        st = torch.full((Tq, Tk), FULL, dtype=torch.int8, device=dev)
+    else:
+        tm = call.mask.tiles(Nq, Nk, bq, bk, batch=B, heads=Hq, device=dev).to(dev)
+        if tm.dim() != 4 or tuple(tm.shape[2:]) != (Tq, Tk):
+            raise ValueError(f"{call.mask!r}.tiles() returned shape {tuple(tm.shape)}, expected (B', H', {Tq}, {Tk})")
+        lo, hi = tm.amin(dim=(0, 1)), tm.amax(dim=(0, 1))
+        st = torch.where(lo == FULL, FULL, torch.where(hi == EMPTY, EMPTY, PARTIAL)).to(torch.int8)
+    if Nk % bk:
+        last = st[:, -1]
+        st[:, -1] = torch.where(last == FULL, torch.full_like(last, PARTIAL), last)
+    return st
+
+
+def _stream_groups(st: torch.Tensor, bk: int, run_tiles: int) -> tuple:
+    groups = []
+    for t, row in enumerate(st.tolist()):
+        items, j, Tk = [], 0, len(row)
+        while j < Tk:
+            if row[j] == EMPTY:
+                j += 1
+                continue
+            status, j0 = row[j], j
+            while j < Tk and row[j] == status and j - j0 < run_tiles:
+                j += 1
+            items.append(RangeKeys(j0 * bk, j * bk, status == PARTIAL))
+        groups.append((t, t + 1, tuple(items)))
+    return tuple(groups)
+
+
+def _gather_groups(st: torch.Tensor, M: int, chunk: int) -> tuple:
+    Tq, Tk = st.shape
+    nonempty = st != EMPTY
+    # Non-empty tiles of each row first, in key order; padding slots point at tile 0 (masked).
+    order = torch.argsort((~nonempty).to(torch.int8) * Tk + torch.arange(Tk, device=st.device), dim=1)[:, :M]
+    slot_ok = torch.gather(nonempty, 1, order)
+    idx = torch.where(slot_ok, order, torch.zeros_like(order))
+    partial = (torch.gather(st, 1, order) == PARTIAL) | ~slot_ok
+    groups = []
+    for t0 in range(0, Tq, chunk):
+        t1 = min(Tq, t0 + chunk)
+        masked = bool(partial[t0:t1].any())
+        groups.append((t0, t1, (GatherKeys(idx[t0:t1], slot_ok[t0:t1], masked),)))
+    return tuple(groups)
+
+
+def make_plan(call: AttentionCall, opts: BlockwiseOptions) -> Plan:
+    B, Hq, Hk, Nq, Nk, D = call.shape
+    bq, bk = opts.block_q, opts.block_k
+    st = tile_status(call, bq, bk)
+    Tq, Tk = st.shape
+    parts = flatten_bias(call.bias)
+    geom = Geometry(B=B, Hq=Hq, Hk=Hk, G=Hq // Hk, Nq=Nq, Nk=Nk, bq=bq, bk=bk, Tq=Tq, Tk=Tk,
+                    scale=call.scale, softcap=call.softcap, mask=call.mask, bias_parts=parts,
+                    dropout_p=call.dropout_p, dropout_seed=call.dropout_seed,
+                    dtype=compute_dtype(call.q.dtype))
+    nnz = (st != EMPTY).sum(dim=1)
+    M, total = int(nnz.max()), int(nnz.sum())
+    rows = B * Hq * bq
+    gather_ok = (0 < M and M * bk <= opts.gather_max_keys and Tq * M <= opts.gather_max_waste * total)
+    if gather_ok:
+        chunk = max(1, opts.item_elements // (rows * M * bk))
+        return Plan(geom, "gather", _gather_groups(st, M, chunk), call.v.shape[3])
+    run_tiles = max(1, opts.item_elements // (rows * bk))
+    return Plan(geom, "stream", _stream_groups(st, bk, run_tiles), call.v.shape[3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def arrange_q(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """(B, Hq, Nq, X) -> (B, Hk, Tq, G*bq, X), zero-padded rows."""
+    X = x.shape[-1]
+    if g.G == 1 and g.Nq % g.bq == 0:  # no copy needed
+        return x.reshape(g.B, g.Hk, g.Tq, g.bq, X)
+    x = F.pad(x, (0, 0, 0, g.Tq * g.bq - g.Nq))  # (B, Hq, Tq*bq, X)
+    x = x.view(g.B, g.Hk, g.G, g.Tq, g.bq, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, Tq, G, bq, X)
+    return x.reshape(g.B, g.Hk, g.Tq, g.G * g.bq, X)
+
+
+def unarrange_q(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """(B, Hk, Tq, G*bq, X) -> (B, Hq, Nq, X)."""
+    X = x.shape[-1]
+    x = x.view(g.B, g.Hk, g.Tq, g.G, g.bq, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, G, Tq, bq, X)
+    return x.reshape(g.B, g.Hq, g.Tq * g.bq, X)[:, :, :g.Nq]
+
+
+def pad_kv(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """(B, Hk, Nk, X) -> (B, Hk, Tk*bk, X), zero-padded keys (no copy when Nk % bk == 0)."""
+    if g.Nk % g.bk == 0:
+        return x.contiguous()
+    return F.pad(x, (0, 0, 0, g.Tk * g.bk - g.Nk))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd Function
+# ---------------------------------------------------------------------------------------------
+
+
+class _Blockwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: Plan, q, k, v, *bias_tensors):
+        g = plan.geom
+        qa = arrange_q(q.to(g.dtype), g) * g.scale  # (B, Hk, Tq, G*bq, D)
+        kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
+        out = torch.zeros(g.B, g.Hk, g.Tq, g.G * g.bq, plan.Dv, dtype=g.dtype, device=q.device)
+        lse = torch.full((g.B, g.Hk, g.Tq, g.G * g.bq), float("inf"), dtype=g.dtype, device=q.device)
+        kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
+        for t0, t1, items in plan.groups:
+            if items:
+                o, s = forward_group(g, qa[:, :, t0:t1], kp, vp, t0, t1, items, plan.Dv, kT)
+                out[:, :, t0:t1], lse[:, :, t0:t1] = o, s
+        ctx.plan = plan
+        result = unarrange_q(out, g).to(q.dtype)  # (B, Hq, Nq, Dv)
+        # Save the returned tensor when it carries the compute dtype (autograd then guards it
+        # against in-place edits), else the float32 arranged output; never both.
+        ctx.saved_result = result.dtype == g.dtype
+        ctx.save_for_backward(q, k, v, result if ctx.saved_result else out, lse)
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        plan: Plan = ctx.plan
+        g = plan.geom
+        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.saved_result:
+            out = arrange_q(out, g)  # (B, Hk, Tq, G*bq, Dv)
+        qa = arrange_q(q.to(g.dtype), g) * g.scale
+        kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
+        doa = arrange_q(dout.to(g.dtype), g)  # (B, Hk, Tq, G*bq, Dv)
+        delta = (doa * out).sum(dim=-1)  # (B, Hk, Tq, G*bq)
+        dqa = torch.zeros_like(qa)
+        dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
+        kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
+        bias_grads = {}
+        for i, part in enumerate(g.bias_parts):
+            ts = part.tensors()
+            if any(t.requires_grad for t in ts):
+                bias_grads[i] = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, g.dtype)) for t in ts]
+        with torch.no_grad():
+            for t0, t1, items in plan.groups:
+                if items:
+                    dqa[:, :, t0:t1] = backward_group(
+                        g, qa[:, :, t0:t1], kp, vp, doa[:, :, t0:t1], lse[:, :, t0:t1], delta[:, :, t0:t1],
+                        t0, t1, items, dkp, dvp, bias_grads, kT)
+        dq = (unarrange_q(dqa, g) * g.scale).to(q.dtype)
+        dk = dkp[:, :, :g.Nk].to(k.dtype)
+        dv = dvp[:, :, :g.Nk].to(v.dtype)
+        # Gradients of the bias tensors, in the order the call listed them (see run()).
+        flat = []
+        for i, part in enumerate(g.bias_parts):
+            for j, t in enumerate(part.tensors()):
+                flat.append(bias_grads[i][j].to(t.dtype) if i in bias_grads and t.requires_grad else None)
+        return (None, dq, dk, dv, *flat)
+
+
+def _bias_tensor_list(parts) -> list[torch.Tensor]:
+    return [t for p in parts for t in p.tensors()]
+
+
+def blockwise_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, dropout_p=0.0,
+                        dropout_seed=None, options: BlockwiseOptions | None = None):
+    """Blockwise exact attention; same arguments and result as ``attnkit.attention``.
+
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> (B, Hq, Nq, Dv). Memory
+    O(B * H * N * D + tile) in forward and backward; time proportional to the non-empty tiles.
+    """
+    from ..functional import make_call
+
+    call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                     dropout_seed=dropout_seed)
+    backend = BlockwiseBackend(options or BlockwiseOptions())
+    reasons = backend.not_supported_reasons(call)
+    if reasons:
+        raise ValueError("blockwise_attention cannot run this call: " + "; ".join(reasons))
+    return backend.run(call)
+
+
+class BlockwiseBackend(Backend):
+    name = "blockwise"
+
+    def __init__(self, options: BlockwiseOptions | None = None):
+        self.options = options or BlockwiseOptions()
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = []
+        if call.return_weights:
+            reasons.append("blockwise never materialises the (Nq, Nk) weights; use backend='reference'")
+        for p in flatten_bias(call.bias):
+            if isinstance(p, TensorBias) and p.tensor.device != call.q.device:
+                reasons.append(f"bias tensor is on {p.tensor.device}, q on {call.q.device}")
+        return reasons
+
+    def run(self, call: AttentionCall):
+        plan = make_plan(call, self.options)
+        tensors = _bias_tensor_list(plan.geom.bias_parts)
+        if not call.needs_grad:
+            with torch.no_grad():
+                return _Blockwise.apply(plan, call.q, call.k, call.v)
+        return _Blockwise.apply(plan, call.q, call.k, call.v, *tensors)

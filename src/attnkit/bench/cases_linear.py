@@ -1,0 +1,124 @@
+"""Bench cases, family "longrange": additive, linear (elu+1) and Performer FAVOR+, and the peer
+performer-pytorch on the same shapes.
+
+Legend: B batch, H heads, N sequence length, D head dim (from BenchShape), A = D attention dim
+of additive attention, m = 256 random features. Inputs are built in make(), outside the timed step.
+Modes: "fwd" (forward) and "bwd" (forward + backward of out.sum()).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from ..additive import additive_attention
+from ..feature_maps import draw_favor_projection
+from ..linear import linear_attention
+from ..performer import performer_attention
+from .registry import BenchCase, BenchShape, register
+
+M_FEATURES = 256
+FAMILY = "longrange"
+
+
+def _qkv(shape: BenchShape, grad: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, H, N, D = shape.B, shape.H, shape.N, shape.D
+    return [torch.randn(B, H, N, D, generator=g, dtype=torch.float32).to(shape.dtype).requires_grad_(grad)
+            for _ in range(3)]
+
+
+def _step(fn, tensors, mode: str):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    def run_bwd():
+        for t in tensors:
+            t.grad = None
+        out = fn()
+        out.sum().backward()
+        return out
+    return run_bwd
+
+
+def _make_additive(shape: BenchShape, mode: str):
+    q, k, v = _qkv(shape, mode == "bwd")
+    g = torch.Generator().manual_seed(1)
+    H, D = shape.H, shape.D
+    w_q = (torch.randn(H, D, D, generator=g) / D ** 0.5).to(shape.dtype).requires_grad_(mode == "bwd")
+    w_k = (torch.randn(H, D, D, generator=g) / D ** 0.5).to(shape.dtype).requires_grad_(mode == "bwd")
+    v_a = (torch.randn(H, D, generator=g) / D ** 0.5).to(shape.dtype).requires_grad_(mode == "bwd")
+    return _step(lambda: additive_attention(q, k, v, w_q, w_k, v_a), [q, k, v, w_q, w_k, v_a], mode)
+
+
+def _make_linear(causal: bool):
+    def make(shape: BenchShape, mode: str):
+        q, k, v = _qkv(shape, mode == "bwd")
+        return _step(lambda: linear_attention(q, k, v, causal=causal), [q, k, v], mode)
+    return make
+
+
+def _projection(shape: BenchShape):
+    return draw_favor_projection(M_FEATURES, shape.D, generator=torch.Generator().manual_seed(2))
+
+
+def _make_performer(causal: bool):
+    def make(shape: BenchShape, mode: str):
+        q, k, v = _qkv(shape, mode == "bwd")
+        w = _projection(shape)
+        return _step(lambda: performer_attention(q, k, v, projection=w, causal=causal), [q, k, v], mode)
+    return make
+
+
+def _peer_available(shape: BenchShape, mode: str) -> str | None:
+    return None if importlib.util.find_spec("performer_pytorch") else "not installed (pip install performer-pytorch)"
+
+
+def _make_peer_performer(causal: bool):
+    def make(shape: BenchShape, mode: str):
+        import contextlib
+        import io
+
+        from performer_pytorch import FastAttention
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice when its CUDA kernel is missing
+            fa = FastAttention(dim_heads=shape.D, nb_features=M_FEATURES, causal=causal)
+        fa.projection_matrix.copy_(_projection(shape))
+        q, k, v = _qkv(shape, mode == "bwd")
+        return _step(lambda: fa(q, k, v), [q, k, v], mode)
+    return make
+
+
+def _flops_linear(F: int, causal: bool, projection: bool, chunk: int = 64):
+    """Matmul FLOPs: 4 N F Dv (k^T v, q S) + 2 N F (normaliser); causal adds 2 N C (F + Dv) inside
+    chunks; Performer adds 4 N D F for W q and W k. Backward counted as twice the forward."""
+    def flops(s: BenchShape, mode: str) -> float:
+        f = 4 * F * s.D + 2 * F + (2 * chunk * (F + s.D) if causal else 0) + (4 * s.D * F if projection else 0)
+        return s.B * s.H * s.N * f * (3.0 if mode == "bwd" else 1.0)
+    return flops
+
+
+def _flops_additive(s: BenchShape, mode: str) -> float:
+    """Per (i, j) pair: A adds, A tanh, 2A for v_a, 4 Dv for softmax-weighted values (counting tanh as 1)."""
+    f = s.B * s.H * s.N * s.N * (4 * s.D + 4 * s.D)
+    return f * (3.5 if mode == "bwd" else 1.0)
+
+
+CASES = [
+    register(BenchCase(FAMILY, "additive", "attnkit.additive", _make_additive, flops=_flops_additive)),
+    register(BenchCase(FAMILY, "linear_causal", "attnkit.linear", _make_linear(True),
+                       flops=_flops_linear(64, True, False))),
+    register(BenchCase(FAMILY, "linear_noncausal", "attnkit.linear", _make_linear(False),
+                       flops=_flops_linear(64, False, False))),
+    register(BenchCase(FAMILY, f"performer_m{M_FEATURES}_causal", "attnkit.performer", _make_performer(True),
+                       flops=_flops_linear(M_FEATURES, True, True, chunk=128))),
+    register(BenchCase(FAMILY, f"performer_m{M_FEATURES}_noncausal", "attnkit.performer", _make_performer(False),
+                       flops=_flops_linear(M_FEATURES, False, True))),
+    register(BenchCase(FAMILY, f"performer_m{M_FEATURES}_causal", "performer-pytorch", _make_peer_performer(True),
+                       available=_peer_available, flops=_flops_linear(M_FEATURES, True, True, chunk=128))),
+    register(BenchCase(FAMILY, f"performer_m{M_FEATURES}_noncausal", "performer-pytorch", _make_peer_performer(False),
+                       available=_peer_available, flops=_flops_linear(M_FEATURES, False, True))),
+]

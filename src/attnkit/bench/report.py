@@ -1,0 +1,98 @@
+"""Bench reports: a markdown table, a CSV and a log-log PNG (time and peak memory vs N).
+
+One row per (family, variant, impl, mode); one column per N with "median s / peak RSS MiB"
+(or the failure reason). The CSV has one line per task with every measured number.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+
+from .runner import Result
+
+CSV_FIELDS = ["family", "variant", "impl", "N", "mode", "status", "reason", "median_s", "min_s", "max_s", "first_s",
+              "peak_rss_mib", "rss_before_mib", "alloc_peak_mib", "gflops", "matmul_ratio"]
+
+
+def write_csv(results: list[Result], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in results:
+            w.writerow({k: getattr(r, k) for k in CSV_FIELDS})
+
+
+def _cell(r: Result) -> str:
+    if r.status != "ok":
+        return f"{r.status}: {r.reason[:40]}"
+    s = f"{r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f}) / {r.peak_rss_mib:.0f}"
+    if r.gflops:
+        s += f" / {r.gflops:.0f}"
+    return s
+
+
+def markdown(results: list[Result], matmul_gflops: float | None, header: str = "") -> str:
+    sizes = sorted({r.N for r in results})
+    rows = defaultdict(dict)
+    for r in results:
+        rows[(r.family, r.variant, r.mode, r.impl)][r.N] = r
+    lines = []
+    if header:
+        lines += [header, ""]
+    if matmul_gflops:
+        lines += [f"fp32 matmul rate (2048^3, same threads): {matmul_gflops:.1f} GFLOP/s", ""]
+    lines += ["Cells: median s (min-max) / peak RSS MiB / useful GFLOP/s. 'first' = first call (includes compile).", ""]
+    lines.append("| family | variant | mode | impl | " + " | ".join(f"N={n}" for n in sizes) + " | first call s |")
+    lines.append("|---" * (5 + len(sizes)) + "|")
+    for key in sorted(rows):
+        fam, var, mode, impl = key
+        cells = [(_cell(rows[key][n]) if n in rows[key] else "") for n in sizes]
+        firsts = [f"{rows[key][n].first_s:.2f}" for n in sizes if n in rows[key] and rows[key][n].first_s is not None]
+        lines.append(f"| {fam} | {var} | {mode} | {impl} | " + " | ".join(cells) + f" | {', '.join(firsts)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], path: str) -> str | None:
+    """Log-log time and peak RSS vs N, one panel pair per (family, variant); None if matplotlib
+    is missing (the reason is returned by ``plot_unavailable``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not installed ({e})"
+    groups = defaultdict(list)
+    for r in results:
+        if r.status == "ok":
+            groups[(r.family, r.variant)].append(r)
+    if not groups:
+        return "no successful results to plot"
+    keys = sorted(groups)
+    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.2 * len(keys)), squeeze=False)
+    for row, key in enumerate(keys):
+        series = defaultdict(list)
+        for r in groups[key]:
+            series[(r.impl, r.mode)].append(r)
+        for (impl, mode), rs in sorted(series.items()):
+            rs.sort(key=lambda r: r.N)
+            style = "-" if mode == "fwd" else "--"
+            ns = [r.N for r in rs]
+            axes[row][0].plot(ns, [r.median_s for r in rs], style, marker="o", label=f"{impl} {mode}")
+            axes[row][1].plot(ns, [r.peak_rss_mib for r in rs], style, marker="o", label=f"{impl} {mode}")
+        for col, ylabel in enumerate(("time (s)", "peak RSS (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{key[0]}/{key[1]}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None

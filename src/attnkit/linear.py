@@ -1,0 +1,362 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"), parallel and recurrent.
+
+Legend: B batch, Hq query heads, Hk key/value heads (Hq % Hk == 0), Nq queries, Nk keys,
+D head dim, Dv value dim, F feature dim of phi, C chunk length, T number of chunks.
+
+    out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i),  S_i = sum_{j allowed} phi(k_j) v_j^T  (F, Dv),
+                                                z_i = sum_{j allowed} phi(k_j)        (F,)
+
+Non-causal: S and z are the same for every query: O(N F Dv) time, O(N + F Dv) memory.
+Causal (bottom-right: query i sits at key position i + Nk - Nq): the chunked parallel form,
+quadratic inside a chunk of C positions and a carried (F, Dv) state and (F,) normaliser across
+chunks: O(N C (F + Dv) + N F Dv) time, O(N (F + Dv) + (N / C) F Dv) memory (linear in N, also
+under autograd). ``linear_attention_step`` is the recurrent form for decoding (one state update
+per token); it gives the same numbers as the parallel form.
+
+Masks: padded keys are excluded from both the numerator and the normaliser (their features
+and values are zeroed). Only masks that factorise through the key sums can be honoured:
+key padding, causal, and their intersection. Anything else (sliding windows, documents,
+arbitrary bool masks with a query dimension) raises with the reason. A query with no allowed
+key returns zeros and gets zero gradient. Half/bfloat16 inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from .feature_maps import elu_plus_one
+from .masks import And, Band, KeyPadding, KeyValid, Mask
+
+_REASON = ("linear attention sums phi(k_j) v_j^T over keys once for all queries (or as a prefix sum "
+           "when causal), so it can honour only masks that depend on the key alone (padding), causal, "
+           "or both")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks: what linear attention can honour
+# ---------------------------------------------------------------------------------------------
+
+
+def key_only_mask(mask, *, batch: int, heads: int, nq: int, nk: int, device,
+                  variant: str = "linear attention") -> tuple[bool, torch.Tensor | None]:
+    """Split a mask into (causal, key_valid (B', H', Nk) bool or None), or raise with the reason.
+
+    Accepts None, ``masks.causal()``, ``masks.key_padding(lengths)``,
+    ``masks.key_padding_from_bool(is_pad)``, their ``&``, and bool tensors broadcastable to
+    (B, H, Nq, Nk) whose query dimension is 1 (e.g. (B, 1, 1, Nk)), True = may attend.
+    """
+    if mask is None:
+        return False, None
+    if isinstance(mask, torch.Tensor):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
+        V.check_broadcastable("mask", mask, (batch, heads, nq, nk), "(B, H, Nq, Nk)")
+        t = mask
+        while t.dim() < 4:
+            t = t.unsqueeze(0)
+        if t.shape[2] != 1 or t.shape[3] != nk:
+            raise ValueError(
+                f"{variant} cannot honour a bool mask of shape {V.shape_str(mask)}: {_REASON}; "
+                "pass a key mask of shape (B, 1, 1, Nk) (True = real key) and causal=True if needed")
+        return False, t[:, :, 0, :].to(device)                        # (B', H', Nk)
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be None, a bool tensor or an attnkit.masks spec, got {type(mask).__name__}")
+    mask.check(nq, nk, batch=batch, heads=heads)
+    if isinstance(mask, Band) and mask.lo is None and mask.hi == 0:
+        return True, None
+    if isinstance(mask, KeyPadding):
+        pos = torch.arange(nk, device=device)
+        return False, (pos.view(1, -1) < mask.lengths.to(device).view(-1, 1)).unsqueeze(1)  # (B, 1, Nk)
+    if isinstance(mask, KeyValid):
+        return False, mask.valid.to(device).unsqueeze(1)               # (B, 1, Nk)
+    if isinstance(mask, And):
+        parts = [key_only_mask(p, batch=batch, heads=heads, nq=nq, nk=nk, device=device, variant=variant)
+                 for p in mask.parts]
+        valids = [p[1] for p in parts if p[1] is not None]
+        valid = valids[0] if len(valids) == 1 else (valids[0] & valids[1] if valids else None)
+        return parts[0][0] or parts[1][0], valid
+    raise ValueError(f"{variant} cannot honour the mask {mask!r}: {_REASON}")
+
+
+# ---------------------------------------------------------------------------------------------
+# State for decoding
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearState:
+    """Running sums after ``length`` keys: kv = sum phi(k_j) v_j^T (B, H, F, Dv), k_sum = sum phi(k_j) (B, H, F).
+
+    H is the number of query heads (key/value heads are expanded for grouped-query attention).
+    Sums are kept in the compute dtype (float32 for half/bfloat16 inputs).
+    """
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    length: int
+
+    @staticmethod
+    def zeros(batch: int, heads: int, feat_dim: int, value_dim: int, *, dtype=torch.float32, device=None):
+        return LinearState(torch.zeros(batch, heads, feat_dim, value_dim, dtype=dtype, device=device),
+                           torch.zeros(batch, heads, feat_dim, dtype=dtype, device=device), 0)
+
+    def scaled(self, factor: torch.Tensor) -> LinearState:
+        """The state times factor (B, H) (used by Performer to move its key stabiliser)."""
+        return LinearState(self.kv * factor[..., None, None], self.k_sum * factor[..., None], self.length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Core on features (shared with Performer)
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
+    """num (..., Dv) / (den (...) + eps); rows with den == 0 (no allowed key) give 0 and zero grad."""
+    ok = den > 0
+    if bool(ok.all()):  # the common case: one division, no extra (N, Dv) temporaries
+        return num / (den + eps).unsqueeze(-1)
+    safe = torch.where(ok, den + eps, torch.ones_like(den))
+    return torch.where(ok.unsqueeze(-1), num / safe.unsqueeze(-1), torch.zeros_like(num))
+
+
+def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)  # (B, Hk, N, .) -> (B, Hq, N, .)
+
+
+def _check_state(state: LinearState | None, phi_q: torch.Tensor, dv: int) -> None:
+    if state is None:
+        return
+    B, H, _, Fd = phi_q.shape
+    if tuple(state.kv.shape) != (B, H, Fd, dv) or tuple(state.k_sum.shape) != (B, H, Fd):
+        raise ValueError(f"state has kv {V.shape_str(state.kv)} and k_sum {V.shape_str(state.k_sum)}; "
+                         f"expected (B, Hq, F, Dv) = {(B, H, Fd, dv)} and (B, Hq, F) = {(B, H, Fd)}")
+
+
+def _causal_chunked(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, kv0: torch.Tensor | None,
+                    z0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Aligned causal part: pq, pk (B, H, L, F), v (B, H, L, Dv); query i sees keys j <= i and the state.
+
+    kv0 (B, H, F, Dv) and z0 (B, H, F) are the sums of earlier keys (None = no earlier keys).
+    Returns num (B, H, L, Dv), den (B, H, L), final kv (B, H, F, Dv), final z (B, H, F).
+    """
+    B, H, L, Fd = pq.shape
+    Dv = v.shape[-1]
+    C = max(1, min(chunk, L))
+    T = -(-L // C)
+    pad = T * C - L
+    if pad:
+        pq, pk, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (pq, pk, v))  # zero keys add nothing
+    qc = pq.reshape(B * H * T, C, Fd)                                 # (B H T, C, F)
+    kc = pk.reshape(B * H * T, C, Fd)                                 # (B H T, C, F)
+    vc = v.reshape(B * H * T, C, Dv)                                  # (B H T, C, Dv)
+    kv_c = torch.bmm(kc.transpose(1, 2), vc).view(B, H, T, Fd, Dv)    # (B, H, T, F, Dv) per chunk
+    z_c = kc.view(B, H, T, C, Fd).sum(dim=3)                          # (B, H, T, F)
+    if kv0 is None:
+        kv0, z0 = kv_c.new_zeros(B, H, 1, Fd, Dv), z_c.new_zeros(B, H, 1, Fd)
+    else:
+        kv0, z0 = kv0.unsqueeze(2), z0.unsqueeze(2)
+    # sums of the keys before chunk t (exclusive prefix sums, starting from the state)
+    kv_prev = torch.cumsum(torch.cat([kv0, kv_c[:, :, :-1]], dim=2), dim=2)  # (B, H, T, F, Dv)
+    z_prev = torch.cumsum(torch.cat([z0, z_c[:, :, :-1]], dim=2), dim=2)     # (B, H, T, F)
+    a = torch.bmm(qc, kc.transpose(1, 2)).tril_()                     # (B H T, C, C), causal inside the chunk
+    num = torch.baddbmm(torch.bmm(qc, kv_prev.view(B * H * T, Fd, Dv)), a, vc)  # (B H T, C, Dv)
+    den = a.sum(dim=-1) + torch.bmm(qc, z_prev.view(B * H * T, Fd, 1)).squeeze(-1)  # (B H T, C)
+    num = num.view(B, H, T * C, Dv)[:, :, :L]                         # (B, H, L, Dv)
+    den = den.view(B, H, T * C)[:, :, :L]                             # (B, H, L)
+    return num, den, kv_prev[:, :, -1] + kv_c[:, :, -1], z_prev[:, :, -1] + z_c[:, :, -1]
+
+
+def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                              key_valid: torch.Tensor | None = None, chunk_size: int = 64, eps: float = 0.0,
+                              state: LinearState | None = None, return_state: bool = False):
+    """Linear attention on precomputed features (the core that elu+1 and Performer share).
+
+    phi_q (B, Hq, Nq, F) >= 0, phi_k (B, Hk, Nk, F) >= 0, v (B, Hk, Nk, Dv); key_valid (B', H', Nk)
+    bool with H' in {1, Hq}. ``state`` (from a previous call or ``LinearState.zeros``) holds keys
+    that precede these; with a state, causal calls need Nq == Nk. Returns out (B, Hq, Nq, Dv) in
+    the compute dtype, and the new state when ``return_state``. Cost: see the module docstring.
+    """
+    B, Hq, Nq, Fd = phi_q.shape
+    Hk, Nk = phi_k.shape[1], phi_k.shape[2]
+    Dv = v.shape[-1]
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be an int > 0, got {chunk_size!r}")
+    if phi_k.shape[-1] != Fd:
+        raise ValueError(f"phi(q) has {Fd} features but phi(k) has {phi_k.shape[-1]}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    _check_state(state, phi_q, Dv)
+    if causal and state is not None and Nq != Nk:
+        raise ValueError(f"causal linear attention with a state needs Nq == Nk (one query per new key), got {Nq} and {Nk}")
+    pk = _expand_heads(phi_k, Hq // Hk)                               # (B, Hq, Nk, F)
+    vv = _expand_heads(v, Hq // Hk)                                   # (B, Hq, Nk, Dv)
+    if key_valid is not None:
+        valid = key_valid.unsqueeze(-1)                               # (B', H', Nk, 1)
+        pk = torch.where(valid, pk, torch.zeros((), dtype=pk.dtype, device=pk.device))
+        vv = torch.where(valid, vv, torch.zeros((), dtype=vv.dtype, device=vv.device))
+    if state is None:
+        kv0 = z0 = None
+        length0 = 0
+    else:
+        kv0, z0, length0 = state.kv.to(phi_q.dtype), state.k_sum.to(phi_q.dtype), state.length
+    if not causal:
+        kv = torch.matmul(pk.transpose(-1, -2), vv)                   # (B, Hq, F, Dv)
+        z = pk.sum(dim=-2)                                            # (B, Hq, F)
+        if kv0 is not None:
+            kv, z = kv + kv0, z + z0
+        num = torch.matmul(phi_q, kv)                                 # (B, Hq, Nq, Dv)
+        den = torch.matmul(phi_q, z.unsqueeze(-1)).squeeze(-1)        # (B, Hq, Nq)
+        out = _normalise(num, den, eps)
+    else:
+        off = Nk - Nq
+        if off > 0:  # keys before the first query: every query sees them
+            kv_pre = torch.matmul(pk[:, :, :off].transpose(-1, -2), vv[:, :, :off])    # (B, Hq, F, Dv)
+            z_pre = pk[:, :, :off].sum(dim=-2)                                         # (B, Hq, F)
+            kv0, z0 = (kv_pre, z_pre) if kv0 is None else (kv0 + kv_pre, z0 + z_pre)
+        lead = max(0, -off)  # queries before the first key see nothing (bottom-right alignment)
+        num, den, kv, z = _causal_chunked(phi_q[:, :, lead:], pk[:, :, max(off, 0):], vv[:, :, max(off, 0):],
+                                          kv0, z0, chunk_size)
+        out = _normalise(num, den, eps)                               # (B, Hq, Nq - lead, Dv)
+        if lead:
+            out = torch.cat([out.new_zeros(B, Hq, lead, Dv), out], dim=2)  # (B, Hq, Nq, Dv)
+    if return_state:
+        return out, LinearState(kv, z, length0 + Nk)
+    return out
+
+
+def linear_step_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, state: LinearState, *,
+                         eps: float = 0.0) -> tuple[torch.Tensor, LinearState]:
+    """Recurrent form, one token at a time: phi_q (B, Hq, T, F), phi_k (B, Hk, T, F), v (B, Hk, T, Dv).
+
+    For t in 0..T-1: S += phi(k_t) v_t^T, z += phi(k_t), out_t = phi(q_t) S / (phi(q_t) z).
+    Cost O(F Dv) time and memory per token.
+    """
+    B, Hq, T, Fd = phi_q.shape
+    if phi_k.shape[2] != T or v.shape[2] != T:
+        raise ValueError(f"step needs as many keys as queries, got Nq={T}, Nk={phi_k.shape[2]}")
+    _check_state(state, phi_q, v.shape[-1])
+    pk = _expand_heads(phi_k, Hq // phi_k.shape[1])                  # (B, Hq, T, F)
+    vv = _expand_heads(v, Hq // v.shape[1])                          # (B, Hq, T, Dv)
+    kv, z = state.kv.to(phi_q.dtype), state.k_sum.to(phi_q.dtype)
+    outs = []
+    for t in range(T):
+        kv = kv + pk[:, :, t, :, None] * vv[:, :, t, None, :]         # (B, Hq, F, Dv)
+        z = z + pk[:, :, t]                                           # (B, Hq, F)
+        q_t = phi_q[:, :, t]                                          # (B, Hq, F)
+        num = torch.einsum("bhf,bhfe->bhe", q_t, kv)                  # (B, Hq, Dv)
+        den = (q_t * z).sum(dim=-1)                                   # (B, Hq)
+        outs.append(_normalise(num, den, eps))
+    return torch.stack(outs, dim=2), LinearState(kv, z, state.length + T)  # (B, Hq, T, Dv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions on q, k, v
+# ---------------------------------------------------------------------------------------------
+
+
+def _features(feature_map, x: torch.Tensor, name: str) -> torch.Tensor:
+    out = feature_map(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[:3] != x.shape[:3]:
+        got = V.shape_str(out) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"feature_map({name}) must return (B, H, N, F) for {name} of shape {V.shape_str(x)}, got {got}")
+    return out
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     feature_map: Callable[[torch.Tensor], torch.Tensor] = elu_plus_one, causal: bool = False,
+                     mask=None, chunk_size: int = 64, eps: float = 0.0, state: LinearState | None = None,
+                     return_state: bool = False):
+    """Linear attention out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j) (Katharopoulos et al. 2020).
+
+    Args:
+        q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), Hq a multiple of Hk.
+        feature_map: (B, H, N, D) -> (B, H, N, F), non-negative; default elu(x) + 1 (no scale).
+        causal: bottom-right aligned (query i at key position i + Nk - Nq).
+        mask: None, ``masks.causal()``, ``masks.key_padding(lengths)``,
+            ``masks.key_padding_from_bool(is_pad)``, their ``&``, or a bool key mask
+            (B, 1, 1, Nk) with True = real key. Other masks raise (see the module docstring).
+        chunk_size: C for the causal chunked form (quadratic within a chunk).
+        eps: added to a positive normaliser (the paper's code uses 1e-6); default 0.
+        state / return_state: continue from / return a ``LinearState`` (prefill before ``linear_attention_step``).
+
+    Returns out (B, Hq, Nq, Dv) in q's dtype (and the state). Cost O(N F Dv) time non-causal,
+    O(N C (F + Dv) + N F Dv) causal; memory linear in N in both (forward and backward).
+    """
+    V.check_qkv(q, k, v)
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    is_causal, valid = key_only_mask(mask, batch=B, heads=Hq, nq=Nq, nk=Nk, device=q.device)
+    ct = _compute_dtype(q.dtype)
+    phi_q = _features(feature_map, q.to(ct), "q")                     # (B, Hq, Nq, F)
+    phi_k = _features(feature_map, k.to(ct), "k")                     # (B, Hk, Nk, F)
+    res = linear_attention_features(phi_q, phi_k, v.to(ct), causal=causal or is_causal, key_valid=valid,
+                                    chunk_size=chunk_size, eps=eps, state=state, return_state=return_state)
+    if return_state:
+        return res[0].to(q.dtype), res[1]
+    return res.to(q.dtype)
+
+
+def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState | None = None, *,
+                          feature_map: Callable[[torch.Tensor], torch.Tensor] = elu_plus_one,
+                          eps: float = 0.0) -> tuple[torch.Tensor, LinearState]:
+    """Decode T >= 1 new tokens recurrently (causal): q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv).
+
+    Returns (out (B, Hq, T, Dv), new state). state=None starts from no keys. Equal to the causal
+    parallel form over the whole sequence. Cost O(F Dv) per token, independent of the position.
+    """
+    V.check_qkv(q, k, v)
+    ct = _compute_dtype(q.dtype)
+    phi_q = _features(feature_map, q.to(ct), "q")                     # (B, Hq, T, F)
+    phi_k = _features(feature_map, k.to(ct), "k")                     # (B, Hk, T, F)
+    if state is None:
+        state = LinearState.zeros(q.shape[0], q.shape[1], phi_q.shape[-1], v.shape[-1], dtype=ct, device=q.device)
+    out, state = linear_step_features(phi_q, phi_k, v.to(ct), state, eps=eps)
+    return out.to(q.dtype), state
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------
+
+
+class LinearAttention(nn.Module):
+    """Multi-head linear attention on (B, N, E): q/k/v/out projections around ``linear_attention``.
+
+    forward(query, key=None, value=None, *, key_padding_mask=None) with key_padding_mask (B, Nk)
+    True = padding (torch MHA's polarity, converted here). Self-attention when key is None.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, bias: bool = True,
+                 feature_map: Callable[[torch.Tensor], torch.Tensor] = elu_plus_one, chunk_size: int = 64):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.embed_dim, self.num_heads, self.causal = embed_dim, num_heads, causal
+        self.feature_map, self.chunk_size = feature_map, chunk_size
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim, bias=bias)
+                                                                for _ in range(4))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, E = x.shape
+        return x.view(B, N, self.num_heads, E // self.num_heads).transpose(1, 2)  # (B, H, N, D)
+
+    def forward(self, query, key=None, value=None, *, key_padding_mask=None):
+        key = query if key is None else key
+        value = key if value is None else value
+        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        mask = None
+        if key_padding_mask is not None:
+            mask = (~key_padding_mask)[:, None, None, :]             # (B, 1, 1, Nk) True = real key
+        out = linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, mask=mask,
+                               chunk_size=self.chunk_size)           # (B, H, Nq, D)
+        B, H, Nq, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, Nq, H * D))  # (B, Nq, E)

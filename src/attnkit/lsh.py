@@ -1,0 +1,332 @@
+"""Reformer LSH attention: shared-QK attention inside hash buckets (Kitaev et al. 2020).
+
+Legend: B batch, H heads, N sequence, D head dim, Dv value dim, R hash rounds (n_hashes),
+nb buckets per round, c chunk length (bucket_size), C = ceil(N / c) chunks per round,
+G = B * H flattened (batch, head) pairs.
+
+Algorithm (per (b, h)):
+1. Angular LSH: for each round r, bucket(x) = argmax([x R_r, -x R_r]) with R_r a (D, nb/2)
+   Gaussian matrix (Andoni et al. 2015).
+2. Sort positions by (bucket, position) in each round; cut the sorted order of each round into C
+   chunks of c slots (the last one padded with empty slots). The R * C chunks are laid end to
+   end, round after round, and each attends to itself and to the chunk before it (the first
+   chunk of round r looks back at the last chunk of round r - 1, wrapping around), as trax and
+   reformer-pytorch do. With a single chunk in all there is no look-back.
+3. Shared QK: queries are qk, keys are qk / |qk|; score = scale * q . k (scale 1/sqrt(D)).
+4. A query never attends to its own position unless no round offers it any other allowed key
+   (causal position 0, or all others padded); then it attends only to itself.
+5. Each round gives o_r and lse_r (log of its softmax denominator); the rounds are combined as
+   out = sum_r softmax_r(lse_r) o_r, i.e. one softmax over the multiset union of the rounds'
+   keys (a pair met in several rounds counts several times, like the peer's default
+   ``allow_duplicate_attention=True``).
+
+Paper: N. Kitaev, L. Kaiser, A. Levskaya, "Reformer: The Efficient Transformer", ICLR 2020.
+Cost: O(R N c (D + Dv)) time; memory O(R N (c + D + Dv)) per head. Heads are processed in
+groups under activation checkpointing, so peak memory is that of one group (linear in N).
+
+Peer: ``reformer_pytorch.LSHAttention`` (1.4.4) on (B * H, N, D). Same rotations layout (D, R,
+nb/2), same sort key, chunking and look-back. Differences: the peer fills the self score with
+-5e4 instead of excluding it (identical results unless every other score is below about -5e4
++ 700), needs N divisible by 2 * bucket_size (here any N; the last chunk of a round is padded)
+and masks padded *queries* too (here key padding masks keys only; padded rows are computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import _validate as V
+from .linformer import key_valid_tensor
+
+
+def default_n_buckets(n: int, bucket_size: int) -> int:
+    """The peer's N // bucket_size, rounded up to an even number >= 2."""
+    return max(2, 2 * -(-n // (2 * bucket_size)))
+
+
+def draw_rotations(head_dim: int, n_hashes: int, n_buckets: int, *, seed: int | None = None,
+                   dtype=torch.float32, device=None) -> torch.Tensor:
+    """Gaussian rotations (D, R, nb/2). seed=None draws from torch's global generator."""
+    shape = (head_dim, n_hashes, max(n_buckets // 2, 1))
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, dtype=dtype).to(device)
+
+
+def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Bucket ids (B, H, R, N) in [0, nb): argmax over [x R_r, -x R_r]; nb == 1: all zero."""
+    B, H, N, _ = qk.shape
+    R = rotations.shape[1]
+    if n_buckets == 1:
+        return torch.zeros(B, H, R, N, dtype=torch.int64, device=qk.device)
+    with torch.no_grad():
+        rot = torch.einsum("bhnd,drk->bhrnk", qk, rotations.to(qk.dtype))  # (B, H, R, N, nb/2)
+        # argmax of [rot, -rot] (first index on ties) without building the concatenation
+        hi, ihi = rot.max(dim=-1)
+        lo, ilo = rot.min(dim=-1)
+        return torch.where(hi >= -lo, ihi, ilo + rot.shape[-1])  # (B, H, R, N)
+
+
+def _safe_lse_softmax(s: torch.Tensor):
+    """Softmax over the last dim and its log-denominator; all -inf rows give 0 and -inf (no NaN)."""
+    mx = s.amax(dim=-1, keepdim=True).detach()
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - mx)
+    den = e.sum(dim=-1, keepdim=True)
+    ok = den > 0
+    den1 = torch.where(ok, den, torch.ones_like(den))
+    lse = torch.where(ok, torch.log(den1) + mx, torch.full_like(den, float("-inf")))
+    return e / den1, lse.squeeze(-1)
+
+
+class _ToSorted(torch.autograd.Function):
+    """rows (G*(N+1), D) -> sorted slots (G*R*Np, D) by ``idx``; backward gathers by ``inv`` and sums
+    the R rounds (each real position fills exactly one slot per round), so no scatter is needed."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv, G, R, N):
+        ctx.save_for_backward(idx, inv)
+        ctx.dims = (G, R, N)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, inv = ctx.saved_tensors
+        return _from_sorted(grad, inv, idx, *ctx.dims), None, None, None, None, None
+
+
+class _FromSorted(torch.autograd.Function):
+    """sorted slots (G*R*Np, D) -> rows (G*(N+1), D): row p sums its R slots; row N (empty) is zero."""
+
+    @staticmethod
+    def forward(ctx, y, inv, idx, G, R, N):
+        ctx.save_for_backward(idx, inv)
+        ctx.dims = (G, R, N)
+        summed = y.index_select(0, inv).view(G, R, N, y.shape[-1]).sum(1)  # (G, N, D)
+        return torch.cat([summed, summed.new_zeros(G, 1, y.shape[-1])], dim=1).view(G * (N + 1), -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, inv = ctx.saved_tensors
+        return _to_sorted(grad, idx, inv, *ctx.dims), None, None, None, None, None
+
+
+def _to_sorted(x, idx, inv, G, R, N):
+    return _ToSorted.apply(x, idx, inv, G, R, N)
+
+
+def _from_sorted(y, inv, idx, G, R, N):
+    return _FromSorted.apply(y, inv, idx, G, R, N)
+
+
+def _lsh_group(qk, v, buckets, valid, c: int, causal: bool, scale: float):
+    """LSH attention for G flattened (b, h) pairs.
+
+    qk (G, N, D), v (G, N, Dv), buckets (G, R, N), valid (G, N) bool or None -> (G, N, Dv).
+    """
+    G, N, D = qk.shape
+    R, Dv = buckets.shape[1], v.shape[-1]
+    dev = qk.device
+    C = -(-N // c)
+    Np, RC = C * c, R * C
+    with torch.no_grad():
+        perm = (buckets * N + torch.arange(N, device=dev)).argsort(dim=-1)  # (G, R, N) positions, sorted
+        inv = torch.empty_like(perm).scatter_(2, perm, torch.arange(N, device=dev).expand(G, R, N))  # slot of p
+        if Np > N:  # empty slots point at an extra zero row N
+            perm = torch.cat([perm, perm.new_full((G, R, Np - N), N)], dim=-1)  # (G, R, Np)
+        spos = perm.view(G, RC, c)  # (G, RC, c)
+        idx = (spos + torch.arange(G, device=dev).view(G, 1, 1) * (N + 1)).reshape(-1)  # (G*R*Np,)
+        slot0 = (torch.arange(G, device=dev).view(G, 1, 1) * R + torch.arange(R, device=dev).view(1, R, 1)) * Np
+        inv_idx = (inv + slot0).reshape(-1)  # (G*R*N,)
+        kvalid_e = torch.ones(G, N + 1, dtype=torch.bool, device=dev) if valid is None else \
+            torch.cat([valid, valid.new_ones(G, 1)], dim=1)
+        kvalid_e[:, N] = False  # empty slots are never keys
+        kvalid = kvalid_e.gather(1, perm.reshape(G, -1)).view(G, RC, c)  # (G, RC, c)
+        # Window of chunk j: chunk j-1 (flattened over rounds, wrapping) then chunk j.
+        lb = (lambda t: torch.cat([t.roll(1, dims=1), t], dim=2)) if RC > 1 else (lambda t: t)
+        kp, kv_ok = lb(spos).unsqueeze(-2), lb(kvalid).unsqueeze(-2)  # (G, RC, 1, W)
+    W = 2 * c if RC > 1 else c
+    qk_e = torch.cat([qk, qk.new_zeros(G, 1, D)], dim=1).reshape(G * (N + 1), D)  # (G*(N+1), D)
+    v_e = torch.cat([v, v.new_zeros(G, 1, Dv)], dim=1).reshape(G * (N + 1), Dv)
+    kn_e = qk_e * (scale / torch.linalg.vector_norm(qk_e, dim=-1, keepdim=True).clamp_min(1e-12))  # scale * k / |k|
+    sq = _to_sorted(qk_e, idx, inv_idx, G, R, N).view(G, RC, c, D)  # (G, RC, c, D) sorted queries
+    sk = _to_sorted(kn_e, idx, inv_idx, G, R, N).view(G, RC, c, D)  # sorted keys
+    sv = _to_sorted(v_e, idx, inv_idx, G, R, N).view(G, RC, c, Dv)
+    s_own = torch.matmul(sq, sk.transpose(-1, -2))  # (G, RC, c, c)
+    s = torch.cat([torch.matmul(sq, sk.roll(1, dims=1).transpose(-1, -2)), s_own], dim=-1) if RC > 1 else s_own
+    with torch.no_grad():
+        qp = spos.unsqueeze(-1)  # (G, RC, c, 1)
+        blocked = (kp >= qp) if causal else (kp == qp)  # (G, RC, c, W)
+        blocked |= ~kv_ok
+        has_other = ~blocked.all(dim=-1)  # (G, RC, c)
+        any_other = torch.zeros(G, N + 1, dtype=torch.bool, device=dev)
+        any_other.scatter_reduce_(1, perm.reshape(G, -1), has_other.view(G, -1), reduce="amax")
+        self_needed = kvalid & ~any_other.gather(1, perm.reshape(G, -1)).view(G, RC, c)
+        row_empty = ~has_other & ~self_needed
+    s = s.masked_fill(blocked, float("-inf"))
+    if bool(self_needed.any()) or bool(row_empty.any()):
+        # A query's own slot sits on the diagonal of its own chunk (window offset W - c).
+        self_score = (sq * sk).sum(-1)  # (G, RC, c)
+        diag_mask = torch.zeros(c, W, dtype=torch.bool, device=dev)
+        diag_mask[torch.arange(c), torch.arange(c) + (W - c)] = True
+        fill = torch.where(self_needed, self_score, torch.zeros_like(self_score))  # row_empty: 0, weight dropped
+        use = (self_needed | row_empty).unsqueeze(-1) & diag_mask  # (G, RC, c, W)
+        s = torch.where(use, fill.unsqueeze(-1), s)
+    p = torch.softmax(s, dim=-1)  # (G, RC, c, W)
+    lse = torch.logsumexp(s, dim=-1).masked_fill(row_empty, float("-inf"))  # (G, RC, c)
+    if RC > 1:
+        o = torch.matmul(p[..., :c], sv.roll(1, dims=1)) + torch.matmul(p[..., c:], sv)  # (G, RC, c, Dv)
+    else:
+        o = torch.matmul(p, sv)
+    # Combine rounds: weights softmax_r(lse_r) in original order.
+    lse_orig = lse.view(G, R * Np).gather(1, inv_idx.view(G, R * N) - torch.arange(G, device=dev).view(G, 1) * R * Np)
+    w, _ = _safe_lse_softmax(lse_orig.view(G, R, N).transpose(1, 2))  # (G, N, R)
+    w_e = torch.cat([w.transpose(1, 2), w.new_zeros(G, R, 1)], dim=2)  # (G, R, N+1)
+    w_sorted = w_e.gather(2, perm).view(G, RC, c, 1)  # (G, RC, c, 1)
+    out = _from_sorted((o * w_sorted).reshape(-1, Dv), inv_idx, idx, G, R, N)  # (G*(N+1), Dv)
+    return out.view(G, N + 1, Dv)[:, :N]  # (G, N, Dv)
+
+
+def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucket_size: int = 64,
+                  n_buckets: int | None = None, causal: bool = False, key_padding=None,
+                  scale: float | None = None, seed: int | None = None, rotations: torch.Tensor | None = None,
+                  heads_per_group: int | None = None) -> torch.Tensor:
+    """Reformer LSH attention with shared query/key vectors.
+
+    Args:
+        qk: (B, H, N, D) shared queries/keys (keys are qk / |qk|). v: (B, H, N, Dv).
+        n_hashes: rounds R. bucket_size: chunk length c (the paper's and peer's bucket size).
+        n_buckets: buckets per round, even (or 1 = no hashing); default N // bucket_size
+            rounded up to even, like the peer.
+        causal: keys at positions > query position are blocked.
+        key_padding: ``masks.key_padding(lengths)`` / ``key_padding_from_bool``: padded keys are
+            never attended (they still take part in hashing; their own rows are computed).
+        scale: default 1/sqrt(D).
+        seed / rotations: rotations (D, R, nb/2) to use; else drawn with ``seed`` (None = torch's
+            global generator, like the peer). Same seed, same buckets.
+        heads_per_group: (b, h) pairs per checkpointed group; default keeps one group's score
+            tensor near 2^23 elements.
+
+    Returns: (B, H, N, Dv) in qk's dtype (half/bfloat16 computed in float32).
+    Cost: O(R N c (D + Dv)) time, O(R N (c + D + Dv)) memory per group.
+    """
+    V.check_rank4("qk", qk, "(B, H, N, D)")
+    V.check_rank4("v", v, "(B, H, N, Dv)")
+    if v.shape[:3] != qk.shape[:3]:
+        raise ValueError(f"v {V.shape_str(v)} must match qk {V.shape_str(qk)} in (B, H, N): LSH attention shares "
+                         "queries and keys, so values are per position of the same sequence")
+    if v.dtype != qk.dtype or v.device != qk.device:
+        raise TypeError(f"qk and v must share dtype and device, got {qk.dtype}/{qk.device} and {v.dtype}/{v.device}")
+    B, H, N, D = qk.shape
+    if N == 0:
+        raise ValueError(f"qk has no positions (N=0): shape {V.shape_str(qk)}")
+    for name, val in (("n_hashes", n_hashes), ("bucket_size", bucket_size)):
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be an int > 0, got {val!r}")
+    nb = default_n_buckets(N, bucket_size) if n_buckets is None else n_buckets
+    if not isinstance(nb, int) or nb <= 0 or (nb > 1 and nb % 2):
+        raise ValueError(f"n_buckets must be 1 or an even int >= 2 (angular LSH uses [xR, -xR]), got {nb!r}")
+    scale = V.check_scale(scale, D)
+    if rotations is None:
+        rotations = draw_rotations(D, n_hashes, nb, seed=seed, dtype=qk.dtype, device=qk.device)
+    elif not isinstance(rotations, torch.Tensor) or tuple(rotations.shape) != (D, n_hashes, max(nb // 2, 1)):
+        got = V.shape_str(rotations) if isinstance(rotations, torch.Tensor) else type(rotations).__name__
+        raise ValueError(f"rotations must have shape (D, n_hashes, n_buckets // 2) = ({D}, {n_hashes}, "
+                         f"{max(nb // 2, 1)}), got {got}")
+    valid = key_valid_tensor(key_padding, B, N, qk.device, variant="lsh_attention")
+    in_dtype = qk.dtype
+    ct = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+    qk, v = qk.to(ct), v.to(ct)
+    buckets = lsh_buckets(qk, rotations, nb).reshape(B * H, n_hashes, N)  # (G, R, N)
+    qkf, vf = qk.reshape(B * H, N, D), v.reshape(B * H, N, -1)  # (G, N, D), (G, N, Dv)
+    validf = None if valid is None else valid.repeat_interleave(H, dim=0)  # (G, N)
+    c = bucket_size
+    width = c if n_hashes * -(-N // c) == 1 else 2 * c
+    per = heads_per_group or max(1, (1 << 24) // max(1, n_hashes * N * width))
+    grad = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
+    outs = []
+    for g0 in range(0, B * H, per):
+        sl = slice(g0, g0 + per)
+        args = (qkf[sl], vf[sl], buckets[sl], None if validf is None else validf[sl], c, causal, scale)
+        if grad and B * H > per:
+            outs.append(checkpoint(_lsh_group, *args, use_reentrant=False))
+        else:
+            outs.append(_lsh_group(*args))
+    out = torch.cat(outs, dim=0).view(B, H, N, -1)  # (B, H, N, Dv)
+    return out.to(in_dtype)
+
+
+def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False, key_padding=None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Exact attention that LSH approximates: keys qk/|qk|, self excluded unless nothing else.
+
+    qk (B, H, N, D), v (B, H, N, Dv) -> (B, H, N, Dv). Cost O(N^2) time and memory per head.
+    """
+    V.check_rank4("qk", qk, "(B, H, N, D)")
+    V.check_rank4("v", v, "(B, H, N, Dv)")
+    if v.shape[:3] != qk.shape[:3]:
+        raise ValueError(f"v {V.shape_str(v)} must match qk {V.shape_str(qk)} in (B, H, N)")
+    B, H, N, D = qk.shape
+    scale = V.check_scale(scale, D)
+    s = torch.matmul(qk, F.normalize(qk, dim=-1).transpose(-1, -2)) * scale  # (B, H, N, N)
+    i = torch.arange(N, device=qk.device)
+    ok = torch.ones(N, N, dtype=torch.bool, device=qk.device)
+    if causal:
+        ok = i.view(-1, 1) >= i.view(1, -1)
+    ok = ok.expand(B, 1, N, N)
+    valid = key_valid_tensor(key_padding, B, N, qk.device, variant="shared_qk_attention")
+    if valid is not None:
+        ok = ok & valid[:, None, None, :]
+    eye = torch.eye(N, dtype=torch.bool, device=qk.device)
+    other = ok & ~eye
+    allowed = other | (ok & eye & ~other.any(dim=-1, keepdim=True))
+    p, _ = _safe_lse_softmax(s.masked_fill(~allowed, float("-inf")))
+    return torch.matmul(p, v)  # (B, H, N, Dv)
+
+
+@dataclass(frozen=True)
+class LSHOptions:
+    n_hashes: int = 8
+    bucket_size: int = 64
+    n_buckets: int | None = None
+    causal: bool = False
+
+
+class LSHSelfAttention(nn.Module):
+    """Multi-head LSH self-attention on (B, N, E): shared ``to_qk``, ``to_v`` (no bias), ``to_out``.
+
+    New rotations are drawn at every call (from ``seed`` + a call counter when ``seed`` is set),
+    as in the paper. ``forward(x, *, key_padding=None)`` -> (B, N, E).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, options: LSHOptions = LSHOptions(), *,
+                 seed: int | None = None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.options, self.seed, self.calls = num_heads, options, seed, 0
+        self.to_qk = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.to_v = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.to_out = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor, *, key_padding=None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, N, E), got shape {V.shape_str(x)}")
+        B, N, E = x.shape
+        H = self.num_heads
+        qk = self.to_qk(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, D)
+        v = self.to_v(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, D)
+        seed = None if self.seed is None else self.seed * 1_000_003 + self.calls
+        self.calls += 1
+        o = self.options
+        out = lsh_attention(qk, v, n_hashes=o.n_hashes, bucket_size=o.bucket_size, n_buckets=o.n_buckets,
+                            causal=o.causal, key_padding=key_padding, seed=seed)  # (B, H, N, D)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, E))  # (B, N, E)
+
+
+__all__ = ["lsh_attention", "shared_qk_attention", "lsh_buckets", "draw_rotations", "default_n_buckets",
+           "LSHOptions", "LSHSelfAttention"]

@@ -1,0 +1,78 @@
+"""Decoder-only language model (GPT-like, pre-norm) with cached incremental generation.
+
+Legend: B batch, N tokens this call, P prompt length, T new tokens, E d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import Block, Embedder, sample_next
+from .config import TransformerConfig
+
+
+class DecoderLM(nn.Module):
+    """L causal blocks (``cfg.decoder_layer(i)``: each layer's variant made causal) + LM head.
+
+    forward(tokens (B, N), *, caches=None, padding_mask=None) -> logits (B, N, V). With
+    ``caches`` (from ``make_caches``) the tokens continue the cached sequence: positions start
+    at the caches' length, and the caches are updated.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedder(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.decoder_layer(i)) for i in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.tok.weight
+
+    def make_caches(self, batch: int, max_len: int | None = None) -> list:
+        """One cache per layer (KVCache, SlidingWindowCache, RecurrentState or SegmentMemory)."""
+        max_len = self.cfg.max_len if max_len is None else max_len
+        return [blk.attn.make_cache(batch, max_len) for blk in self.blocks]
+
+    def forward(self, tokens: torch.Tensor, *, caches: list | None = None,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"caches has {len(caches)} entries, expected one per layer ({len(self.blocks)})")
+        offset = 0 if caches is None else caches[0].length
+        h = self.embed(tokens, offset)  # (B, N, E)
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, key_padding_mask=padding_mask, cache=None if caches is None else caches[i])
+        return self.head(self.norm(h))  # (B, N, V)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 *, use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``prompt`` (B, P) by ``max_new_tokens``: returns (B, P + T).
+
+        temperature=0 is greedy; otherwise softmax(logits / temperature) over the top_k tokens.
+        use_cache=True prefills the caches with the prompt and then feeds one token per step;
+        use_cache=False recomputes the whole sequence every step (same tokens, O(T^2) work).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be a non-empty (B, P) integer tensor, got shape {tuple(prompt.shape)}")
+        out = prompt
+        if max_new_tokens == 0:
+            return out
+        if use_cache:
+            caches = self.make_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+            logits = self(prompt, caches=caches)[:, -1]  # (B, V)
+        else:
+            logits = self(prompt)[:, -1]
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, generator)  # (B,)
+            out = torch.cat([out, nxt[:, None]], dim=1)  # (B, P + step + 1)
+            if step + 1 == max_new_tokens:
+                break
+            logits = (self(nxt[:, None], caches=caches) if use_cache else self(out))[:, -1]
+        return out
+
+
+__all__ = ["DecoderLM"]

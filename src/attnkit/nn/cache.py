@@ -1,0 +1,252 @@
+"""Caches for incremental decoding: static KV, sliding-window ring buffer, recurrent state,
+Transformer-XL segment memory, and a once-computed cross-attention KV.
+
+Legend: B batch (<= max_batch), Hk key/value heads, L cached length, n new tokens, D head dim,
+Dv value head dim, W window, E embed dim, M memory length.
+
+Every cache tracks ``length``: the number of tokens seen so far, i.e. the absolute position of
+the next token (what RoPE needs as an offset). Keys come back in chronological order, so the
+library's bottom-right causal alignment makes a chunk of n new queries against all returned
+keys exactly ``attnkit.attention(q, k, v, mask=causal())``.
+
+Nothing is silently overwritten: a full ``KVCache`` raises naming max_len. The one documented
+exception is ``SlidingWindowCache``, a ring buffer that keeps only the last ``window`` keys
+(enough for ``sliding_window(left)`` masks with left <= window).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import shape_str
+
+
+def _check_new(name: str, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int, value_dim: int,
+               max_batch: int, dtype: torch.dtype) -> tuple[int, int]:
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}.update: k and v must be 4-D (B, Hk, n, D) tensors, got "
+                         f"{shape_str(k) if isinstance(k, torch.Tensor) else type(k).__name__}, "
+                         f"{shape_str(v) if isinstance(v, torch.Tensor) else type(v).__name__}")
+    B, H, n, D = k.shape
+    if B > max_batch:
+        raise ValueError(f"{name}.update: batch {B} exceeds max_batch={max_batch}; build the cache with a larger max_batch")
+    if H != heads or D != head_dim:
+        raise ValueError(f"{name}.update: k has shape {shape_str(k)}, expected (B, {heads}, n, {head_dim}) "
+                         f"(num_kv_heads={heads}, head_dim={head_dim})")
+    if tuple(v.shape) != (B, H, n, value_dim):
+        raise ValueError(f"{name}.update: v has shape {shape_str(v)}, expected ({B}, {H}, {n}, {value_dim})")
+    if k.dtype != dtype or v.dtype != dtype:
+        raise TypeError(f"{name}.update: k, v have dtype {k.dtype}, {v.dtype} but the cache holds {dtype}")
+    return B, n
+
+
+def _check_valid(name: str, valid: torch.Tensor | None, B: int, n: int) -> None:
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (B, n)):
+        raise ValueError(f"{name}.update: valid must be a bool (B, n) = ({B}, {n}) tensor (True = real token), "
+                         f"got {valid.dtype} {shape_str(valid)}")
+
+
+class KVCache:
+    """Preallocated key/value cache for one attention layer.
+
+    Args: max_batch, max_len (the most tokens it will ever hold), num_kv_heads, head_dim,
+    dtype, device; value_dim defaults to head_dim. Buffers k (max_batch, Hk, max_len, D),
+    v (max_batch, Hk, max_len, Dv) and valid (max_batch, max_len) (False = padding token).
+
+    ``update(k, v, valid=None)`` appends n tokens and returns (k_all, v_all, valid_all), the
+    first L = length + n positions (valid_all is None while no padding was ever written).
+    Appending past max_len raises; use ``reset()`` to reuse the buffers. Memory O(B Hk max_len D).
+    """
+
+    def __init__(self, max_batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None, *, value_dim: int | None = None):
+        for nm, val in (("max_batch", max_batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"KVCache: {nm} must be an int >= 1, got {val!r}")
+        self.max_batch, self.max_len = max_batch, max_len
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.dtype = dtype
+        self.k = torch.zeros(max_batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(max_batch, num_kv_heads, max_len, self.value_dim, dtype=dtype, device=device)
+        self.valid = torch.ones(max_batch, max_len, dtype=torch.bool, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self.batch: int | None = None
+        self._padded = False
+        self.valid.fill_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
+        B, n = _check_new("KVCache", k, v, self.num_kv_heads, self.head_dim, self.value_dim, self.max_batch, self.dtype)
+        _check_valid("KVCache", valid, B, n)
+        if self.batch is not None and B != self.batch:
+            raise ValueError(f"KVCache.update: batch {B} differs from the batch {self.batch} already cached; reset() first")
+        if self.length + n > self.max_len:
+            raise ValueError(f"KVCache is full: max_len={self.max_len}, it holds {self.length} tokens and cannot take "
+                             f"{n} more; build it with a larger max_len (nothing was written)")
+        start, end = self.length, self.length + n
+        self.k[:B, :, start:end] = k  # (B, Hk, n, D)
+        self.v[:B, :, start:end] = v
+        if valid is not None:
+            self.valid[:B, start:end] = valid
+            self._padded = self._padded or not bool(valid.all())
+        self.batch, self.length = B, end
+        return self.k[:B, :, :end], self.v[:B, :, :end], (self.valid[:B, :end] if self._padded else None)
+
+    def __repr__(self):
+        return (f"KVCache(length={self.length}/{self.max_len}, batch={self.batch}/{self.max_batch}, "
+                f"heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype})")
+
+
+class SlidingWindowCache:
+    """Ring buffer of the last ``window`` keys/values, for sliding-window attention.
+
+    ``update(k, v, valid=None)`` returns the cached past (at most ``window`` most recent tokens,
+    in chronological order) followed by the n new ones: (B, Hk, min(length, W) + n, D). It then
+    keeps the last W of them, overwriting the oldest entries: this is the one cache that drops
+    tokens, by design. It is exact for masks that reach at most W keys back
+    (``sliding_window(left, 0)`` with left <= W); MultiHeadAttention checks this. Memory O(B Hk W D).
+    """
+
+    def __init__(self, max_batch: int, window: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None, *, value_dim: int | None = None):
+        for nm, val in (("max_batch", max_batch), ("window", window), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"SlidingWindowCache: {nm} must be an int >= 1, got {val!r}")
+        self.max_batch, self.window = max_batch, window
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.dtype = dtype
+        self.k = torch.zeros(max_batch, num_kv_heads, window, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(max_batch, num_kv_heads, window, self.value_dim, dtype=dtype, device=device)
+        self.valid = torch.ones(max_batch, window, dtype=torch.bool, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self.batch: int | None = None
+        self._padded = False
+        self.valid.fill_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def _order(self, count: int) -> torch.Tensor:
+        """Ring slots of the last ``count`` tokens, oldest first."""
+        first = self.length - count
+        return (torch.arange(first, self.length, device=self.k.device) % self.window)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
+        B, n = _check_new("SlidingWindowCache", k, v, self.num_kv_heads, self.head_dim, self.value_dim,
+                          self.max_batch, self.dtype)
+        _check_valid("SlidingWindowCache", valid, B, n)
+        if self.batch is not None and B != self.batch:
+            raise ValueError(f"SlidingWindowCache.update: batch {B} differs from the cached batch {self.batch}; reset() first")
+        m = min(self.length, self.window)
+        idx = self._order(m)
+        valid_new = valid if valid is not None else torch.ones(B, n, dtype=torch.bool, device=k.device)
+        k_all = torch.cat([self.k[:B, :, idx], k], dim=2)  # (B, Hk, m + n, D)
+        v_all = torch.cat([self.v[:B, :, idx], v], dim=2)
+        valid_all = torch.cat([self.valid[:B, idx], valid_new], dim=1)  # (B, m + n)
+        keep = min(n, self.window)
+        slots = torch.arange(self.length + n - keep, self.length + n, device=k.device) % self.window
+        self.k[:B, :, slots] = k[:, :, n - keep:]
+        self.v[:B, :, slots] = v[:, :, n - keep:]
+        self.valid[:B, slots] = valid_new[:, n - keep:]
+        if valid is not None:
+            self._padded = self._padded or not bool(valid.all())
+        self.batch, self.length = B, self.length + n
+        return k_all, v_all, (valid_all if self._padded else None)
+
+    def __repr__(self):
+        return (f"SlidingWindowCache(length={self.length}, window={self.window}, batch={self.batch}/{self.max_batch}, "
+                f"heads={self.num_kv_heads}, head_dim={self.head_dim})")
+
+
+class RecurrentState:
+    """Running state of causal linear-type attention (Linear, Performer) for decoding.
+
+    The attention core stores its carried state in ``state`` (for linear attention the sums
+    S = sum_j phi(k_j) v_j^T (B, H, F, Dv) and z = sum_j phi(k_j) (B, H, F)); ``length`` counts
+    tokens seen. Memory O(B H F Dv), independent of the sequence length.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = None
+        self.length = 0
+
+    def __repr__(self):
+        return f"RecurrentState(length={self.length}, {'empty' if self.state is None else 'filled'})"
+
+
+class SegmentMemory:
+    """Transformer-XL segment memory: the last ``mem_len`` keys/values of one layer, detached.
+
+    MultiHeadAttention with position=XL(...) attends over cat[memory, current keys] and then
+    calls ``advance(k_all, v_all)``; no gradient flows into the memory (Dai et al. 2019, sec. 3.2;
+    caching k, v instead of the layer input gives the same forward values, see
+    ``attnkit.positions.xl``). ``length`` counts tokens seen. Memory O(B Hk M D).
+    With mem_len >= the tokens seen, decoding with it equals the full causal pass.
+    """
+
+    def __init__(self, mem_len: int):
+        if not isinstance(mem_len, int) or isinstance(mem_len, bool) or mem_len < 0:
+            raise ValueError(f"SegmentMemory: mem_len must be an int >= 0, got {mem_len!r}")
+        self.mem_len = mem_len
+        self.reset()
+
+    def reset(self) -> None:
+        self.memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Hk, M, D), (B, Hk, M, Dv)
+        self.length = 0
+
+    def advance(self, k_all: torch.Tensor, v_all: torch.Tensor, new: int) -> None:
+        """Keep the last mem_len of k_all / v_all (B, Hk, M + n, .), detached; n = new tokens."""
+        if self.mem_len == 0:
+            self.memory = None
+        else:
+            self.memory = (k_all[:, :, -self.mem_len:].detach(), v_all[:, :, -self.mem_len:].detach())
+        self.length += new
+
+    def __repr__(self):
+        m = 0 if self.memory is None else self.memory[0].shape[2]
+        return f"SegmentMemory(mem_len={self.mem_len}, holds={m}, length={self.length})"
+
+
+class StaticKV:
+    """Keys/values of a fixed context (cross-attention during decoding), computed once.
+
+    The first forward with this cache projects ``context`` and stores k, v (and the context's
+    padding); later calls reuse them and ignore the context argument's values (its shape is still
+    checked). ``reset()`` clears it for a new context.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.k = self.v = self.valid = None
+        self.length = 0
+
+    @property
+    def filled(self) -> bool:
+        return self.k is not None
+
+    def __repr__(self):
+        return f"StaticKV({'empty' if self.k is None else shape_str(self.k)})"
+
+
+Cache = KVCache | SlidingWindowCache | RecurrentState | SegmentMemory | StaticKV
+
+__all__ = ["KVCache", "SlidingWindowCache", "RecurrentState", "SegmentMemory", "StaticKV", "Cache"]

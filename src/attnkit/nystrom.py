@@ -1,0 +1,236 @@
+"""Nystromformer: softmax attention through m landmarks and an iterative pseudo-inverse.
+
+Legend: B batch, Hq query heads, Hk key/value heads (Hq % Hk == 0), Nq queries, Nk keys,
+D head dim, Dv value dim, m landmarks, K depthwise-conv kernel length, E model width.
+
+    Q~, K~ = segment means of Q and K (m segments each)
+    out = softmax(s Q K~^T) pinv(softmax(s Q~ K~^T)) softmax(s Q~ K^T) V   [+ conv(V)]
+
+pinv is the iterative Moore-Penrose approximation of Razavi et al. 2014 used by the paper,
+Z <- 1/4 Z (13 I - A Z (15 I - A Z (7 I - A Z))), from Z0 = A^T / (max_i sum_j |A_ij| *
+max_j sum_i |A_ij|). With E_t = I - A Z_t one step gives E_{t+1} = E_t^3 (3 I + E_t) / 4 (third
+order); A Z_0 is symmetric PSD, so ||E_t||_2 = g^t(1 - sigma_min(A)^2 c) with g(e) = e^3 (3 + e)/4
+and c the Z0 scale. The tests derive their tolerance from this.
+
+Paper: Y. Xiong, Z. Zeng, R. Chakraborty, M. Tan, G. Fung, Y. Li, V. Singh, "Nystromformer: A
+Nystrom-Based Algorithm for Approximating Self-Attention", AAAI 2021. Cost: O(N m (D + Dv) +
+iters * m^3) time and O(N m) memory per head: linear in N for a fixed m.
+
+Conventions (peer: lucidrains ``nystrom-attention`` 0.0.14)
+- Segments: with ``segments="even"`` (default) segment s covers positions [floor(s N / m),
+  floor((s+1) N / m)): sizes differ by at most one, no padding. ``segments="front_pad"`` is the
+  peer's: it left-pads N to a multiple of m with masked tokens, so the first segment is short
+  (or empty). Landmarks are means over the real (non-padded) positions of a segment; an empty
+  landmark is dropped (its row/column of the landmark kernel is zero, and the pinv iteration
+  keeps that block zero), whereas the peer keeps it as a uniform row and leaks a little.
+- ``pinv_init="per_matrix"`` (default) takes the max row/column sums of each (b, h) matrix (so a
+  batch element does not depend on the others); ``"global"`` takes them over the whole tensor,
+  as the peer and HF's ``init_option="original"`` do.
+- Without a mask the peer also attends to its zero padding tokens when m does not divide N; pass
+  it a mask of all True (and eps=0) to compare. The residual is the peer's depthwise conv over
+  the sequence (kernel (K, 1) per head, zero padding, no bias) on the key-padded values.
+- Non-causal only: each landmark averages a whole segment (future positions included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate as V
+from .linformer import key_valid_tensor
+
+SEGMENTS = ("even", "front_pad")
+PINV_INIT = ("per_matrix", "global")
+
+
+def segment_ids(n: int, m: int, mode: str = "even", device=None) -> torch.Tensor:
+    """(n,) int64: the landmark segment of each position (see the module docstring)."""
+    i = torch.arange(n, device=device)
+    if mode == "even":  # the largest s with floor(s n / m) <= i
+        return ((i + 1) * m - 1) // n
+    if mode == "front_pad":
+        pad, seg_len = (-n) % m, -(-n // m)
+        return (i + pad) // seg_len
+    raise ValueError(f"segments must be one of {SEGMENTS}, got {mode!r}")
+
+
+def _landmarks(x: torch.Tensor, seg: torch.Tensor, m: int, valid: torch.Tensor | None):
+    """Segment means of x (B, H, N, D) over valid positions -> (B, H, m, D), landmark valid (B, 1, m)."""
+    B, H, N, D = x.shape
+    if valid is None:
+        w = torch.ones(1, 1, N, dtype=x.dtype, device=x.device)
+    else:
+        w = valid[:, None, :].to(x.dtype)  # (B, 1, N)
+        x = x * w.unsqueeze(-1)
+    sums = x.new_zeros(B, H, m, D).index_add(2, seg, x)  # (B, H, m, D)
+    counts = w.new_zeros(w.shape[0], 1, m).index_add(2, seg, w)  # (B', 1, m)
+    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    return means, counts > 0
+
+
+def _masked_softmax(s: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim; blocked entries get 0 and rows with nothing allowed give zeros."""
+    if allowed is None:
+        return torch.softmax(s, dim=-1)
+    s = s.masked_fill(~allowed, float("-inf"))
+    mx = s.amax(dim=-1, keepdim=True).detach()
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    p = torch.exp(s - mx)
+    den = p.sum(dim=-1, keepdim=True)
+    return p / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def iterative_pinv(a: torch.Tensor, iterations: int = 6, init: str = "per_matrix") -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse of a (..., m, m) by the paper's third-order iteration.
+
+    Z0 = a^T / (max row abs-sum * max column abs-sum), per matrix or over the whole tensor.
+    Zero rows/columns of ``a`` stay zero columns/rows of the result. Cost O(iterations * m^3).
+    """
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"pinv_iterations must be an int >= 0, got {iterations!r}")
+    if init not in PINV_INIT:
+        raise ValueError(f"pinv_init must be one of {PINV_INIT}, got {init!r}")
+    absa = a.abs()
+    if init == "per_matrix":
+        row = absa.sum(dim=-1).amax(dim=-1)[..., None, None]  # (..., 1, 1)
+        col = absa.sum(dim=-2).amax(dim=-1)[..., None, None]
+    else:
+        row, col = absa.sum(dim=-1).max(), absa.sum(dim=-2).max()
+    den = row * col
+    z = a.transpose(-1, -2) / torch.where(den > 0, den, torch.ones_like(den))
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int,
+                      pinv_iterations: int = 6, key_padding=None, query_padding=None,
+                      conv_kernel: torch.Tensor | None = None, scale: float | None = None,
+                      segments: str = "even", pinv_init: str = "per_matrix", causal: bool = False) -> torch.Tensor:
+    """Nystrom approximation of softmax(scale q k^T) v with ``num_landmarks`` landmarks.
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hk, Nk, D). v: (B, Hk, Nk, Dv); Hq a multiple of Hk.
+        num_landmarks: m <= min(Nq, Nk). With m == Nq == Nk every segment is one token and the
+            result is exact softmax attention up to the pinv iteration's error.
+        pinv_iterations: iterations of the pseudo-inverse (paper: 6).
+        key_padding: key padding spec (``masks.key_padding`` / ``key_padding_from_bool``):
+            padded keys are left out of the key landmarks, of softmax(Q~ K^T) and of the conv.
+        query_padding: the same kind of spec over Nq: padded queries are left out of the query
+            landmarks (pass the key spec for padded self-attention). Their rows are still computed.
+        conv_kernel: (Hq, K), K odd: adds the depthwise conv over the sequence of the values
+            (needs Nq == Nk); None: no residual.
+        scale: default 1/sqrt(D). segments: "even" or "front_pad" (peer). pinv_init:
+            "per_matrix" or "global" (peer).
+        causal: must be False (a landmark averages future positions).
+
+    Returns: (B, Hq, Nq, Dv) in q's dtype (half/bfloat16 computed in float32).
+    Cost: O(N m (D + Dv) + pinv_iterations m^3) time, O(N m) memory per head.
+    """
+    V.check_qkv(q, k, v)
+    if causal:
+        raise ValueError("nystrom_attention: causal=True is not supported: each landmark is the mean of a "
+                         "segment of keys, so every query would see future positions through it")
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if not isinstance(num_landmarks, int) or not 1 <= num_landmarks <= min(Nq, Nk):
+        raise ValueError(f"num_landmarks must be an int in [1, min(Nq, Nk)] = [1, {min(Nq, Nk)}], got "
+                         f"{num_landmarks!r}; for sequences this short use exact attention")
+    m = num_landmarks
+    scale = V.check_scale(scale, D)
+    kvalid = key_valid_tensor(key_padding, B, Nk, q.device, variant="nystrom_attention")
+    qvalid = key_valid_tensor(query_padding, B, Nq, q.device, variant="nystrom_attention", name="query_padding")
+    in_dtype = q.dtype
+    ct = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+    q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    if kvalid is not None:
+        v = v * kvalid[:, None, :, None].to(ct)  # (B, Hk, Nk, Dv), padded rows zero
+    kl, kl_valid = _landmarks(k, segment_ids(Nk, m, segments, q.device), m, kvalid)  # (B, Hk, m, D), (B', 1, m)
+    ql, ql_valid = _landmarks(q, segment_ids(Nq, m, segments, q.device), m, qvalid)  # (B, Hq, m, D)
+    g = Hq // Hk
+    if g > 1:
+        k, v, kl = (t.repeat_interleave(g, dim=1) for t in (k, v, kl))  # (B, Hq, ., .)
+    all_k = bool(kl_valid.all())
+    all_q = bool(ql_valid.all())
+    kls, qls = kl * scale, ql * scale  # fold the scale into the small landmark tensors
+    k1 = _masked_softmax(q @ kls.transpose(-1, -2), None if all_k else kl_valid[..., None, :])  # (B, Hq, Nq, m)
+    m2 = None if all_k and all_q else ql_valid[..., :, None] & kl_valid[..., None, :]  # (B', 1, m, m)
+    k2 = _masked_softmax(qls @ kl.transpose(-1, -2), m2)  # (B, Hq, m, m)
+    m3 = None if kvalid is None else ql_valid[..., :, None] & kvalid[:, None, None, :]  # (B, 1, m, Nk)
+    if m3 is None and not all_q:
+        m3 = ql_valid[..., :, None].expand(-1, -1, -1, Nk)
+    k3 = _masked_softmax(qls @ k.transpose(-1, -2), m3)  # (B, Hq, m, Nk)
+    z = iterative_pinv(k2, pinv_iterations, pinv_init)  # (B, Hq, m, m)
+    out = k1 @ (z @ (k3 @ v))  # (B, Hq, Nq, Dv)
+    if conv_kernel is not None:
+        out = out + depthwise_conv(v, conv_kernel, Nq)
+    return out.to(in_dtype)
+
+
+def depthwise_conv(v: torch.Tensor, kernel: torch.Tensor, nq: int) -> torch.Tensor:
+    """Per-head conv over the sequence: v (B, H, N, Dv), kernel (H, K), K odd -> (B, H, N, Dv)."""
+    B, H, N, Dv = v.shape
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 2 or kernel.shape[0] != H:
+        got = V.shape_str(kernel) if isinstance(kernel, torch.Tensor) else type(kernel).__name__
+        raise ValueError(f"conv_kernel must be a tensor (Hq, K) with Hq={H}, got {got}")
+    K = kernel.shape[1]
+    if K % 2 == 0:
+        raise ValueError(f"conv_kernel length K must be odd (same-length output), got K={K}")
+    if nq != N:
+        raise ValueError(f"conv_kernel needs Nq == Nk (the residual adds conv(v) to each query row), got Nq={nq}, Nk={N}")
+    w = kernel.to(v.dtype).view(H, 1, K, 1)  # (H, 1, K, 1) like Conv2d(H, H, (K, 1), groups=H)
+    return F.conv2d(v, w, padding=(K // 2, 0), groups=H)  # (B, H, N, Dv)
+
+
+@dataclass(frozen=True)
+class NystromOptions:
+    num_landmarks: int = 256
+    pinv_iterations: int = 6
+    conv_kernel_size: int | None = 33  # None: no depthwise-conv residual
+    segments: str = "even"
+    pinv_init: str = "per_matrix"
+
+    def __post_init__(self):
+        if not isinstance(self.num_landmarks, int) or self.num_landmarks <= 0:
+            raise ValueError(f"NystromOptions.num_landmarks must be an int > 0, got {self.num_landmarks!r}")
+        if self.conv_kernel_size is not None and (self.conv_kernel_size <= 0 or self.conv_kernel_size % 2 == 0):
+            raise ValueError(f"NystromOptions.conv_kernel_size must be odd and > 0 (or None), got {self.conv_kernel_size!r}")
+        if self.segments not in SEGMENTS:
+            raise ValueError(f"NystromOptions.segments must be one of {SEGMENTS}, got {self.segments!r}")
+        if self.pinv_init not in PINV_INIT:
+            raise ValueError(f"NystromOptions.pinv_init must be one of {PINV_INIT}, got {self.pinv_init!r}")
+
+
+class NystromAttention(nn.Module):
+    """Multi-head Nystrom self-attention on (B, N, E): to_qkv (no bias), conv residual, to_out.
+
+    Weight layout as the peer's ``NystromAttention``: ``to_qkv`` (3 * H * D, E), ``res_conv``
+    kernel stored as (H, K), ``to_out`` with bias. ``forward(x, *, key_padding=None)``; the
+    padding spec marks both padded queries (for the query landmarks) and padded keys.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, options: NystromOptions = NystromOptions()):
+        super().__init__()
+        self.num_heads, self.head_dim, self.options = num_heads, head_dim, options
+        inner = num_heads * head_dim
+        self.to_qkv = nn.Linear(embed_dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, embed_dim)
+        K = options.conv_kernel_size
+        self.conv_kernel = None if K is None else nn.Parameter(torch.empty(num_heads, K).uniform_(-K ** -0.5, K ** -0.5))
+
+    def forward(self, x: torch.Tensor, *, key_padding=None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, N, E), got shape {V.shape_str(x)}")
+        B, N, _ = x.shape
+        o = self.options
+        q, k, v = self.to_qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D)
+        out = nystrom_attention(q, k, v, num_landmarks=o.num_landmarks, pinv_iterations=o.pinv_iterations,
+                                key_padding=key_padding, query_padding=key_padding, conv_kernel=self.conv_kernel,
+                                segments=o.segments, pinv_init=o.pinv_init)  # (B, H, N, D)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, -1))  # (B, N, E)

@@ -1,0 +1,220 @@
+"""blockwise backend vs the float64 reference, forward and backward, on hypothesis-drawn shapes.
+
+Legend: B batch, Hq query heads, Hk kv heads, Nq queries, Nk keys, D head dim, Dv value dim.
+Tiles are tiny (1..8) so that small shapes cover many tiles, partial tiles, padded tails and
+both schedules (stream: online softmax over key runs; gather: batched gathered key tiles).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnkit
+from attnkit import biases as Bi
+from attnkit import masks as M
+from attnkit.backends import BACKENDS
+from attnkit.backends.blockwise import BlockwiseBackend, BlockwiseOptions, blockwise_attention, make_plan
+from attnkit.functional import make_call
+from tests.strategies import Shape, bool_masks, make_qkv, mask_specs, shapes
+from tests.tolerances import assert_close
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@st.composite
+def options(draw) -> BlockwiseOptions:
+    sched = draw(st.sampled_from(["stream", "gather"]))
+    return BlockwiseOptions(
+        block_q=draw(st.integers(1, 8)), block_k=draw(st.integers(1, 8)),
+        item_elements=draw(st.sampled_from([1, 64, 1 << 20])),
+        gather_max_keys=1 << 20 if sched == "gather" else 1, gather_max_waste=1e9,
+    )
+
+
+def run_both(q, k, v, opts, grads=(), seed=0, **kw):
+    """(out, grads) of the reference and of blockwise (with ``opts``), same upstream gradient."""
+    res = []
+    for backend in ("reference", "blockwise"):
+        call = make_call(q, k, v, **kw)
+        be = BACKENDS["reference"] if backend == "reference" else BlockwiseBackend(opts)
+        assert be.not_supported_reasons(call) == []
+        out = be.run(call)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(out.dtype)
+        inputs = [q, k, v, *grads]
+        res.append((out, torch.autograd.grad(out, inputs, g, allow_unused=True)))
+    return res
+
+
+def check(ref, got, dtype=torch.float64):
+    (o_ref, g_ref), (o, g) = ref, got
+    assert torch.isfinite(o).all()
+    assert_close(o, o_ref, dtype, "blockwise")
+    for name, a, b in zip("qkvBT", g, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_close(a, b, dtype, "blockwise", grad=True, msg=f"grad {name}")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_matches_reference_every_mask(data):
+    shape = data.draw(shapes(max_len=23))
+    mask = data.draw(st.one_of(st.none(), mask_specs(shape), bool_masks(shape)))
+    opts = data.draw(options())
+    q, k, v = make_qkv(shape, seed=data.draw(st.integers(0, 99)))
+    check(*run_both(q, k, v, opts, mask=mask))
+
+
+@SETTINGS
+@given(data=st.data())
+def test_bias_softcap_dropout_gradients(data):
+    """Float bias tensor (broadcast shapes) + learnable bias spec + softcap + dropout, with grads."""
+    shape = data.draw(shapes(max_len=17))
+    B, Hq, Hk, Nq, Nk, D, Dv = shape
+    opts = data.draw(options())
+    q, k, v = make_qkv(shape, seed=1)
+    g = torch.Generator().manual_seed(2)
+    bsize = (data.draw(st.sampled_from([1, B])), data.draw(st.sampled_from([1, Hq])),
+             data.draw(st.sampled_from([1, Nq])), Nk)
+    dense = torch.randn(*bsize, generator=g, dtype=torch.float64).requires_grad_(True)
+    table = torch.randn(Hq, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    spec = Bi.from_function(lambda b, h, i, j: table[h, (i - j).abs() % 3] + 0.1 * table[h, 0] * (i - j),
+                            tensors=[table], name="learned")
+    kind = data.draw(st.sampled_from(["tensor", "spec", "sum"]))
+    bias = {"tensor": dense, "spec": spec, "sum": Bi.TensorBias(dense, Nq, Nk) + spec}[kind]
+    grads = {"tensor": [dense], "spec": [table], "sum": [dense, table]}[kind]
+    mask = data.draw(st.one_of(st.none(), mask_specs(shape)))
+    softcap = data.draw(st.sampled_from([None, 2.5]))
+    p = data.draw(st.sampled_from([0.0, 0.3]))
+    check(*run_both(q, k, v, opts, grads=grads, mask=mask, bias=bias, softcap=softcap, dropout_p=p,
+                    dropout_seed=data.draw(st.integers(0, 1000))))
+
+
+def test_large_tiles_and_both_schedules_agree():
+    """Default options on a longer sequence: causal + sliding window + document, Nq != Nk, GQA."""
+    shape = Shape(2, 4, 2, 300, 517, 16, 8)
+    q, k, v = make_qkv(shape, seed=3)
+    ids = torch.sort(torch.randint(0, 3, (517,), generator=torch.Generator().manual_seed(0))).values
+    for mask in (M.causal(), M.sliding_window(100, 20), M.document(ids) & M.causal(), None):
+        for opts in (BlockwiseOptions(), BlockwiseOptions(gather_max_keys=1), BlockwiseOptions(gather_max_waste=100.0)):
+            check(*run_both(q, k, v, opts, mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_within_tolerance(dtype):
+    shape = Shape(1, 2, 1, 200, 260, 16, 16)
+    q, k, v = make_qkv(shape, dtype=dtype, seed=4)
+    bias = Bi.from_function(lambda b, h, i, j: -0.05 * (i - j).abs().to(torch.float32), name="decay")
+    for mask in (M.causal(), M.sliding_window(64)):
+        ref = run_both(*(t.detach().double().requires_grad_() for t in (q, k, v)), BlockwiseOptions(block_q=32, block_k=32),
+                       mask=mask, bias=bias)[0]
+        out = blockwise_attention(q, k, v, mask=mask, bias=bias, options=BlockwiseOptions(block_q=32, block_k=32))
+        assert out.dtype == dtype
+        gr = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                                                             dtype=torch.float64).to(dtype))
+        check(ref, (out, gr), dtype)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_grads():
+    shape = Shape(2, 2, 2, 9, 9, 4, 4)
+    q, k, v = make_qkv(shape, seed=5)
+    mask = M.key_padding(torch.tensor([0, 5])) & M.from_function(lambda b, h, i, j: (i != 3) | (h == 1), name="row3")
+    out = blockwise_attention(q, k, v, mask=mask, options=BlockwiseOptions(block_q=4, block_k=4))
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(out[1, 0, 3], torch.zeros_like(out[1, 0, 3]))
+    out.sum().backward()
+    assert torch.equal(q.grad[0], torch.zeros_like(q.grad[0])) and torch.isfinite(q.grad).all()
+    assert torch.equal(q.grad[1, 0, 3], torch.zeros_like(q.grad[1, 0, 3]))
+    assert torch.equal(k.grad[0], torch.zeros_like(k.grad[0])) and torch.isfinite(v.grad).all()
+
+
+def test_dropout_pattern_equals_reference_exactly():
+    shape = Shape(1, 2, 1, 40, 50, 8, 8)
+    q, k, v = make_qkv(shape, seed=6, requires_grad=False)
+    a = attnkit.attention(q, k, v, dropout_p=0.5, dropout_seed=7, backend="reference")
+    b = attnkit.attention(q, k, v, dropout_p=0.5, dropout_seed=7, backend="blockwise")
+    c = attnkit.attention(q, k, v, dropout_p=0.5, dropout_seed=8, backend="blockwise")
+    assert_close(b, a, torch.float64, "blockwise")
+    assert (c - a).abs().max() > 1e-3  # a different seed gives a different pattern
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op returns (the test's instrument for O(N^2) memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(64)], ids=repr)
+def test_no_nq_by_nk_tensor_in_forward_or_backward(mask):
+    N, D = 1024, 8
+    q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
+    table = torch.zeros(1, requires_grad=True)
+    bias = Bi.from_function(lambda b, h, i, j: table[0] * (i - j).float(), tensors=[table], name="slope")
+    opts = BlockwiseOptions(block_q=64, block_k=64, item_elements=64 * 256)
+    with _MaxNumel() as rec:
+        out = blockwise_attention(q, k, v, mask=mask, bias=bias, options=opts)
+        out.sum().backward()
+    assert table.grad is not None
+    assert rec.max_numel <= 4 * N * D  # inputs and O(N * D) buffers; the scores would be N * N
+
+
+def test_tiles_empty_are_skipped_and_full_are_unmasked():
+    call = make_call(*make_qkv(Shape(1, 1, 1, 256, 256, 4, 4)), mask=M.sliding_window(32))
+    plan = make_plan(call, BlockwiseOptions(block_q=32, block_k=32, gather_max_keys=1))
+    assert plan.schedule == "stream"
+    for t0, _, items in plan.groups:
+        spans = [(it.k0, it.k1, it.masked) for it in items]
+        # query block t: the diagonal tile and the one before, both partial (one run), nothing else
+        want = [(32 * (t0 - 1), 32 * (t0 + 1), True)] if t0 else [(0, 32, True)]
+        assert spans == want
+    plan = make_plan(call, BlockwiseOptions(block_q=32, block_k=32))
+    assert plan.schedule == "gather"
+    dense_plan = make_plan(make_call(*make_qkv(Shape(1, 1, 1, 256, 256, 4, 4))), BlockwiseOptions(block_k=64, block_q=64,
+                                                                                                    gather_max_keys=1))
+    assert all(not it.masked for _, _, items in dense_plan.groups for it in items)
+
+
+def test_local_attention_peer_equals_sliding_window():
+    local_attention = pytest.importorskip("local_attention")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 300, 16, dtype=torch.float64) for _ in range(3))
+    peer = local_attention.LocalAttention(window_size=64, causal=True, look_backward=1, look_forward=0,
+                                          exact_windowsize=True, use_rotary_pos_emb=False, autopad=True, dim=16)
+    ours = blockwise_attention(q, k, v, mask=M.sliding_window(64))
+    assert_close(ours, peer(q, k, v), torch.float64, "blockwise")
+
+
+def test_reasons_and_errors():
+    q, k, v = make_qkv(Shape(1, 1, 1, 4, 4, 2, 2), requires_grad=False)
+    reasons = BACKENDS["blockwise"].not_supported_reasons(make_call(q, k, v, return_weights=True))
+    assert any("weights" in r for r in reasons)
+    with pytest.raises(ValueError, match="block_q"):
+        BlockwiseOptions(block_q=0)
+    with pytest.raises(ValueError, match="cannot run"):
+        blockwise_attention(q, k, v, bias=Bi.TensorBias(torch.zeros(4, 4, dtype=torch.float64, device="meta"), 4, 4))
+
+
+def test_auto_decision_table_cpu():
+    big = Shape(1, 8, 8, 2048, 2048, 8, 8)
+    q, k, v = make_qkv(big, requires_grad=False)
+    which = lambda **kw: attnkit.which_backend(q, k, v, **kw)
+    assert which() == "sdpa" and which(mask=M.causal()) == "sdpa"
+    assert which(mask=M.sliding_window(256)) == "blockwise"
+    assert which(mask=M.causal(), bias=Bi.from_function(lambda b, h, i, j: -0.01 * (i - j).float())) == "blockwise"
+    assert which(softcap=5.0) == "blockwise" and which(dropout_p=0.1, dropout_seed=1) == "blockwise"
+    assert which(return_weights=True) == "reference"
+    small = make_qkv(Shape(1, 2, 2, 64, 64, 8, 8), requires_grad=False)
+    assert attnkit.which_backend(*small, mask=M.sliding_window(8)) == "sdpa"

@@ -1,0 +1,63 @@
+"""flex backend: values vs the reference on one small compiled shape, its block mask vs the spec's
+tiles, and its reasons. Compiling takes ~10 s per shape on CPU, so the compiled test is one call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit import biases as Bi
+from attnkit import masks as M
+from attnkit.backends import BACKENDS
+from attnkit.functional import make_call
+from tests.strategies import Shape, make_qkv
+from tests.tolerances import assert_close
+
+flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+from attnkit.backends.flex import block_mask_for, reset_compile_cache  # noqa: E402
+
+
+def test_flex_matches_reference_gqa_cross_lengths_bias_softcap():
+    """One compile: Nq != Nk, GQA, Dv != D, a composed mask with a function part, a bias spec and
+    softcap, and fully masked rows (key padding 0 in batch 1)."""
+    reset_compile_cache()  # other tests in this process may have used flex's recompile budget
+    shape = Shape(2, 4, 2, 200, 300, 16, 8)
+    q, k, v = make_qkv(shape, dtype=torch.float32, seed=0, requires_grad=False)
+    mask = ((M.prefix_lm(40) & M.sliding_window(100)) | M.from_function(lambda b, h, i, j: (i + j) % 7 == 0)) \
+        & M.key_padding(torch.tensor([300, 0]))
+    bias = Bi.from_function(lambda b, h, i, j: -0.01 * (i - j).float() * (h + 1).float(), name="slopes")
+    call = make_call(q, k, v, mask=mask, bias=bias, softcap=3.0)
+    assert BACKENDS["flex"].not_supported_reasons(call) == []
+    out = BACKENDS["flex"].run(call)
+    ref = BACKENDS["reference"].run(make_call(q.double(), k.double(), v.double(), mask=mask, bias=bias, softcap=3.0))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert_close(out, ref, torch.float32, "flex")
+
+
+@pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(130, 7), M.prefix_lm(200)], ids=repr)
+def test_block_mask_from_tiles_equals_spec(mask):
+    Nq, Nk = 300, 520
+    bm = block_mask_for(mask, 1, 1, Nq, Nk, "cpu")
+    dense = mask.to_dense(Nq, Nk)[0, 0]
+    # every allowed pair lies in a block flex visits (partial or full); full blocks are all-allowed
+    visited = bm.to_dense()[0, 0].bool()  # (Tq, Tk)
+    Tq, Tk = visited.shape
+    pad = torch.zeros(Tq * 128, Tk * 128, dtype=torch.bool)
+    pad[:Nq, :Nk] = dense
+    blocks = pad.view(Tq, 128, Tk, 128)
+    assert torch.equal(visited, blocks.any(dim=3).any(dim=1))
+    assert bm is block_mask_for(mask, 1, 1, Nq, Nk, "cpu")  # cached per (spec, shape, device)
+
+
+def test_reasons():
+    q, k, v = make_qkv(Shape(1, 2, 2, 8, 8, 4, 4), dtype=torch.float32, requires_grad=True)
+    flex = BACKENDS["flex"]
+    assert any("no backward on CPU" in r for r in flex.not_supported_reasons(make_call(q, k, v)))
+    with torch.no_grad():
+        assert any("dropout" in r for r in flex.not_supported_reasons(make_call(q, k, v, dropout_p=0.1)))
+        assert any("weights" in r for r in flex.not_supported_reasons(make_call(q, k, v, return_weights=True)))
+        q64, k64, v64 = (t.double() for t in (q, k, v))
+        assert any("float64" in r for r in flex.not_supported_reasons(make_call(q64, k64, v64)))
+        untraceable = M.from_function(lambda b, h, i, j: torch.ones_like(i + j, dtype=torch.bool) if int(i.max()) >= 0
+                                      else i > j, name="item")
+        assert any("traced" in r for r in flex.not_supported_reasons(make_call(q, k, v, mask=untraceable)))

@@ -1,0 +1,78 @@
+"""Smoke tests of ``attnkit bench``: case discovery, one tiny task in a subprocess, the reports,
+the CLI's options, and the softmax cases' useful-work counts (no timing asserts)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+
+import pytest
+import torch
+
+from attnkit.bench import report, runner
+from attnkit.bench.cases_softmax import VARIANTS, allowed_pairs, specs
+from attnkit.bench.registry import CASES
+from attnkit.cli import bench as cli
+
+
+def test_discover_imports_every_cases_module():
+    import pkgutil
+
+    import attnkit.bench as pkg
+
+    runner.discover()
+    names = [m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cases_")]
+    assert "cases_softmax" in names
+    for name in names:
+        assert f"attnkit.bench.{name}" in __import__("sys").modules or f"attnkit.bench.{name}" in runner.IMPORT_ERRORS
+    assert "softmax/swa256/attnkit.blockwise" in CASES and "softmax/swa256/sdpa" in CASES
+
+
+def test_one_tiny_task_end_to_end(tmp_path):
+    cfg = runner.BenchConfig(sizes=(64,), modes=("fwd", "bwd"), families=("softmax",), variants=("swa256",),
+                             impls=("attnkit.blockwise", "flex"), H=1, D=8, repeats=2, threads=1, timeout_s=120)
+    results, matmul = runner.run(cfg, log=lambda s: None)
+    assert matmul and matmul > 0
+    by = {(r.impl, r.mode): r for r in results}
+    ok = by[("attnkit.blockwise", "fwd")]
+    assert ok.status == "ok", ok.reason
+    assert len(ok.times) == 2 and ok.min_s <= ok.median_s <= ok.max_s and ok.peak_rss_mib > 0 and ok.gflops > 0
+    assert by[("attnkit.blockwise", "bwd")].status == "ok"
+    assert by[("flex", "bwd")].status == "skip" and "backward" in by[("flex", "bwd")].reason
+    md = report.markdown(results, matmul, "hdr")
+    assert "attnkit.blockwise" in md and "N=64" in md
+    report.write_csv(results, tmp_path / "b.csv")
+    rows = list(csv.DictReader(open(tmp_path / "b.csv")))
+    assert len(rows) == len(results) and rows[0]["family"] == "softmax"
+    why = report.plot(results, str(tmp_path / "b.png"))
+    assert why is not None or (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_failed_task_is_reported_and_larger_sizes_skipped():
+    cfg = runner.BenchConfig(sizes=(64, 128), modes=("fwd",), variants=("dense",), impls=("attnkit.reference",),
+                             H=1, D=8, repeats=1, threads=1, max_rss_gib=0.01)
+    results, _ = runner.run(cfg, log=lambda s: None)
+    assert [r.status for r in results] == ["fail", "fail"]
+    assert "GiB" in results[0].reason and "skipped" in results[1].reason
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_allowed_pairs_equal_the_mask(variant):
+    N = 700
+    mask, _ = specs(variant, N)
+    dense = N * N if mask is None else int(mask.to_dense(N).sum())
+    assert allowed_pairs(variant, N) == pytest.approx(dense)
+
+
+def test_cli_options():
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    cfg = cli.config_from_args(p.parse_args(["--quick"]))
+    assert cfg.sizes == cli.QUICK_SIZES and cfg.repeats == 1 and cfg.per_process == "all"
+    cfg = cli.config_from_args(p.parse_args(["--sizes", "256,512", "--modes", "fwd", "--impls", "attnkit.*,sdpa",
+                                             "--threads", "1", "--out", "x"]))
+    assert cfg.sizes == (256, 512) and cfg.modes == ("fwd",) and cfg.threads == 1
+    assert "softmax/dense/attnkit.auto" in runner.select_cases(cfg) and "softmax/dense/flex" not in runner.select_cases(cfg)
+    with pytest.raises(SystemExit):
+        cli.config_from_args(p.parse_args(["--modes", "sideways"]))
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,114 @@
+"""Error messages: bad inputs to attnkit.attention name the argument, what it got and what was expected.
+
+Legend: B batch, Hq query heads, Hk key/value heads, Nq queries, Nk keys, D head dim, Dv value dim.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks as M
+from attnkit.backends import BACKENDS
+from attnkit.dispatch import NoBackendError
+from tests.strategies import Shape, make_qkv
+
+SHAPE = Shape(2, 4, 2, 3, 5, 6, 7)  # B, Hq, Hk, Nq, Nk, D, Dv
+
+
+def qkv():
+    return make_qkv(SHAPE, requires_grad=False)
+
+
+def r(*s, dtype=torch.float64):
+    return torch.randn(*s, dtype=dtype)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    # rank != 4
+    (lambda q, k, v: (q[0], k, v), ValueError, r"q must have 4 dimensions \(B, Hq, Nq, D\), got 3: shape \(4, 3, 6\)"),
+    (lambda q, k, v: (q, k[..., None], v), ValueError, r"k must have 4 dimensions \(B, Hk, Nk, D\), got 5"),
+    (lambda q, k, v: (q, k, v[0, 0]), ValueError, r"v must have 4 dimensions \(B, Hk, Nk, Dv\), got 2: shape \(5, 7\)"),
+    (lambda q, k, v: (q.numpy(), k, v), TypeError, r"q must be a torch.Tensor of shape \(B, Hq, Nq, D\), got ndarray"),
+    # dtypes
+    (lambda q, k, v: (q.long(), k, v), TypeError, "q must be a floating-point tensor, got dtype torch.int64"),
+    (lambda q, k, v: (q, k.float(), v), TypeError, "q, k, v must share a dtype, got torch.float64, torch.float32, torch.float64"),
+    # head counts that do not divide
+    (lambda q, k, v: (r(2, 3, 3, 6), k, v), ValueError, r"query heads Hq=3 must be a multiple of key/value heads Hk=2"),
+    (lambda q, k, v: (q, r(2, 3, 5, 6), r(2, 3, 5, 7)), ValueError, r"Hq=4 must be a multiple of key/value heads Hk=3"),
+    # D mismatch
+    (lambda q, k, v: (q, r(2, 2, 5, 4), v), ValueError, r"head dim of q \(6\) must equal head dim of k \(4\): q \(2, 4, 3, 6\), k \(2, 2, 5, 4\)"),
+    # batch / length mismatches
+    (lambda q, k, v: (q, r(1, 2, 5, 6), v), ValueError, r"batch sizes differ: q \(2, 4, 3, 6\), k \(1, 2, 5, 6\)"),
+    (lambda q, k, v: (q, k, r(2, 2, 4, 7)), ValueError, r"k \(2, 2, 5, 6\) and v \(2, 2, 4, 7\) must agree in heads and length"),
+    (lambda q, k, v: (q, r(2, 2, 0, 6), r(2, 2, 0, 7)), ValueError, r"k has no keys \(Nk=0\)"),
+])
+def test_qkv_errors(args, exc, match):
+    q, k, v = args(*qkv())
+    with pytest.raises(exc, match=match):
+        attnkit.attention(q, k, v)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    # mask of wrong shape or dtype
+    ({"mask": torch.ones(2, 4, 3, 4, dtype=torch.bool)}, ValueError,
+     r"mask of shape \(2, 4, 3, 4\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, 3, 5\)"),
+    ({"mask": torch.ones(3, 1, 3, 5, dtype=torch.bool)}, ValueError, r"mask of shape \(3, 1, 3, 5\) does not broadcast"),
+    ({"mask": torch.ones(1, 2, 4, 3, 5, dtype=torch.bool)}, ValueError,
+     r"mask must have 2 to 4 dimensions broadcastable to \(B, Hq, Nq, Nk\) = \(2, 4, 3, 5\), got shape \(1, 2, 4, 3, 5\)"),
+    ({"mask": torch.ones(5, dtype=torch.bool)}, ValueError, r"mask must have 2 to 4 dimensions .* got shape \(5,\)"),
+    ({"mask": torch.ones(3, 5)}, TypeError, r"mask must be a bool tensor \(True = may attend\), got dtype torch.float32"),
+    ({"mask": [[True]]}, TypeError, "mask must be None, a bool tensor or an attnkit.masks spec, got list"),
+    # mask specs whose data does not fit the input
+    ({"mask": M.key_padding(torch.tensor([5, 5, 5]))}, ValueError, "key_padding: lengths has 3 entries, expected batch size B=2"),
+    ({"mask": M.document(torch.zeros(4, dtype=torch.long))}, ValueError, "document: ids covers 4 keys/positions but the input has Nk=5"),
+    ({"mask": M.causal() | M.block_sparse(torch.ones(3, 2, 2, dtype=torch.bool), 3)}, ValueError,
+     r"block_sparse: layout \(3, 2, 2\) has 3 heads, expected 1 \(shared\) or Hq=4"),
+    # bias of wrong shape or dtype
+    ({"bias": r(2, 4, 5, 5)}, ValueError, r"bias of shape \(2, 4, 5, 5\) does not broadcast to \(B, Hq, Nq, Nk\) = \(2, 4, 3, 5\)"),
+    ({"bias": torch.zeros(3, 5, dtype=torch.bool)}, TypeError, "bias must be a floating-point tensor, got dtype torch.bool"),
+    ({"bias": torch.zeros(3, 5, dtype=torch.long)}, TypeError, "bias must be a floating-point tensor, got dtype torch.int64"),
+    ({"bias": 0.5}, TypeError, "bias must be None, a float tensor or an attnkit.biases spec, got float"),
+    # scale, softcap, dropout
+    ({"scale": 0.0}, ValueError, "scale must be a finite number > 0, got 0.0"),
+    ({"scale": -1}, ValueError, "scale must be a finite number > 0, got -1"),
+    ({"scale": float("nan")}, ValueError, "scale must be a finite number > 0, got nan"),
+    ({"scale": torch.tensor(1.0)}, TypeError, "scale must be a Python float, got Tensor"),
+    ({"scale": True}, TypeError, "scale must be a Python float, got bool"),
+    ({"softcap": 0}, ValueError, r"softcap must be a finite number > 0 \(or None\), got 0"),
+    ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\), got 1.0"),
+    ({"dropout_p": -0.1}, ValueError, r"dropout_p must be a float in \[0, 1\), got -0.1"),
+    ({"dropout_p": "0.1"}, TypeError, r"dropout_p must be a float in \[0, 1\), got str"),
+    ({"dropout_p": 0.1, "dropout_seed": 1.5}, TypeError, "dropout_seed must be an int or None, got float"),
+    # backends
+    ({"backend": "nope"}, ValueError, r"backend must be 'auto' or one of \[.*'reference'.*'sdpa'.*\], got 'nope'"),
+    ({"backend": "sdpa", "softcap": 2.0}, NoBackendError, "backend 'sdpa' cannot run this call: sdpa has no softcap"),
+    ({"backend": "sdpa", "return_weights": True}, NoBackendError, "sdpa does not return attention weights"),
+    ({"backend": "sdpa", "mask": M.key_padding(torch.tensor([5, 0]))}, NoBackendError, "fully masked query rows"),
+])
+def test_argument_errors(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        attnkit.attention(*qkv(), **kw)
+
+
+def test_mask_on_another_device_is_named():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="mask is on meta but q is on cpu"):
+        attnkit.attention(q, k, v, mask=torch.ones(3, 5, dtype=torch.bool, device="meta"))
+
+
+def test_no_backend_fits_lists_every_backend(monkeypatch):
+    # Every backend but sdpa refuses for this test; sdpa refuses softcap by itself.
+    for name, backend in BACKENDS.items():
+        if name != "sdpa":
+            monkeypatch.setattr(backend, "not_supported_reasons", lambda call, name=name: [f"{name} refused for this test"])
+    with pytest.raises(NoBackendError) as info:
+        attnkit.attention(*qkv(), softcap=2.0)
+    msg = str(info.value)
+    assert msg.startswith("no backend can run this call")
+    assert "  - sdpa: sdpa has no softcap" in msg
+    for name in BACKENDS:
+        assert f"  - {name}: " in msg
+        if name != "sdpa":
+            assert f"{name} refused for this test" in msg
