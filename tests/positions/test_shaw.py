@@ -122,7 +122,7 @@ def test_no_grad_path_skips_checkpoint_and_equals_grad_path():
         a = shaw(q, k, v)
     b = shaw(q, k, v)
     assert b.requires_grad
-    torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(a, b.detach(), **tol(torch.float32))
 
 
 def test_errors():

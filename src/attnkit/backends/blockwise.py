@@ -158,21 +158,29 @@ def make_plan(call: AttentionCall, opts: BlockwiseOptions) -> Plan:
 # ---------------------------------------------------------------------------------------------
 
 
-def arrange_q(x: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """(B, Hq, Nq, X) -> (B, Hk, Tq, G*bq, X), zero-padded rows."""
-    X = x.shape[-1]
-    if g.G == 1 and g.Nq % g.bq == 0:  # no copy needed
-        return x.reshape(g.B, g.Hk, g.Tq, g.bq, X)
-    x = F.pad(x, (0, 0, 0, g.Tq * g.bq - g.Nq))  # (B, Hq, Tq*bq, X)
-    x = x.view(g.B, g.Hk, g.G, g.Tq, g.bq, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, Tq, G, bq, X)
-    return x.reshape(g.B, g.Hk, g.Tq, g.G * g.bq, X)
+def rows_of(x: torch.Tensor, g: Geometry, t0: int, t1: int) -> torch.Tensor:
+    """Query blocks t0..t1-1 of x (B, Hq, Nq, X) as (B, Hk, C, G*bq, X), zero-padded rows.
+
+    A view when G == 1 and the blocks are whole, else a copy of those rows only (never of x).
+    """
+    X, C = x.shape[-1], t1 - t0
+    r0, r1 = t0 * g.bq, min(t1 * g.bq, g.Nq)
+    part = x[:, :, r0:r1]  # (B, Hq, rows, X)
+    if r1 - r0 < C * g.bq:
+        part = F.pad(part, (0, 0, 0, C * g.bq - (r1 - r0)))
+    if g.G == 1:
+        return part.reshape(g.B, g.Hk, C, g.bq, X)
+    part = part.reshape(g.B, g.Hk, g.G, C, g.bq, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, C, G, bq, X)
+    return part.reshape(g.B, g.Hk, C, g.G * g.bq, X)
 
 
-def unarrange_q(x: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """(B, Hk, Tq, G*bq, X) -> (B, Hq, Nq, X)."""
-    X = x.shape[-1]
-    x = x.view(g.B, g.Hk, g.Tq, g.G, g.bq, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, G, Tq, bq, X)
-    return x.reshape(g.B, g.Hq, g.Tq * g.bq, X)[:, :, :g.Nq]
+def put_rows(dst: torch.Tensor, val: torch.Tensor, g: Geometry, t0: int, t1: int) -> None:
+    """Inverse of rows_of: write val (B, Hk, C, G*bq, X) into dst (B, Hq, Nq, X)."""
+    X, C = val.shape[-1], t1 - t0
+    r0, r1 = t0 * g.bq, min(t1 * g.bq, g.Nq)
+    val = val.view(g.B, g.Hk, C, g.G, g.bq, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, G, C, bq, X)
+    val = val.reshape(g.B, g.Hq, C * g.bq, X)
+    dst[:, :, r0:r1] = val[:, :, :r1 - r0]
 
 
 def pad_kv(x: torch.Tensor, g: Geometry) -> torch.Tensor:
@@ -188,23 +196,27 @@ def pad_kv(x: torch.Tensor, g: Geometry) -> torch.Tensor:
 
 
 class _Blockwise(torch.autograd.Function):
+    """Saves q, k, v (inputs), the output and the log-sum-exp; everything else is recomputed."""
+
     @staticmethod
     def forward(ctx, plan: Plan, q, k, v, *bias_tensors):
         g = plan.geom
-        qa = arrange_q(q.to(g.dtype), g) * g.scale  # (B, Hk, Tq, G*bq, D)
+        qc = q.to(g.dtype)
         kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
-        out = torch.zeros(g.B, g.Hk, g.Tq, g.G * g.bq, plan.Dv, dtype=g.dtype, device=q.device)
+        out = torch.zeros(g.B, g.Hq, g.Nq, plan.Dv, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, Dv)
         lse = torch.full((g.B, g.Hk, g.Tq, g.G * g.bq), float("inf"), dtype=g.dtype, device=q.device)
         kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
         for t0, t1, items in plan.groups:
             if items:
-                o, s = forward_group(g, qa[:, :, t0:t1], kp, vp, t0, t1, items, plan.Dv, kT)
-                out[:, :, t0:t1], lse[:, :, t0:t1] = o, s
+                qt = rows_of(qc, g, t0, t1) * g.scale  # (B, Hk, C, G*bq, D)
+                o, s = forward_group(g, qt, kp, vp, t0, t1, items, plan.Dv, kT)
+                put_rows(out, o, g, t0, t1)
+                lse[:, :, t0:t1] = s
         ctx.plan = plan
-        result = unarrange_q(out, g).to(q.dtype)  # (B, Hq, Nq, Dv)
-        # Save the returned tensor when it carries the compute dtype (autograd then guards it
-        # against in-place edits), else the float32 arranged output; never both.
-        ctx.saved_result = result.dtype == g.dtype
+        result = out.to(q.dtype)
+        # Save the returned tensor when it has the compute dtype (autograd then guards it against
+        # in-place edits), else the float32 output; never both.
+        ctx.saved_result = result is out
         ctx.save_for_backward(q, k, v, result if ctx.saved_result else out, lse)
         return result
 
@@ -213,13 +225,9 @@ class _Blockwise(torch.autograd.Function):
         plan: Plan = ctx.plan
         g = plan.geom
         q, k, v, out, lse = ctx.saved_tensors
-        if ctx.saved_result:
-            out = arrange_q(out, g)  # (B, Hk, Tq, G*bq, Dv)
-        qa = arrange_q(q.to(g.dtype), g) * g.scale
+        qc, doc = q.to(g.dtype), dout.to(g.dtype)
         kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
-        doa = arrange_q(dout.to(g.dtype), g)  # (B, Hk, Tq, G*bq, Dv)
-        delta = (doa * out).sum(dim=-1)  # (B, Hk, Tq, G*bq)
-        dqa = torch.zeros_like(qa)
+        dq = torch.zeros(q.shape, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
         dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
         kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
         bias_grads = {}
@@ -230,10 +238,11 @@ class _Blockwise(torch.autograd.Function):
         with torch.no_grad():
             for t0, t1, items in plan.groups:
                 if items:
-                    dqa[:, :, t0:t1] = backward_group(
-                        g, qa[:, :, t0:t1], kp, vp, doa[:, :, t0:t1], lse[:, :, t0:t1], delta[:, :, t0:t1],
-                        t0, t1, items, dkp, dvp, bias_grads, kT)
-        dq = (unarrange_q(dqa, g) * g.scale).to(q.dtype)
+                    dot = rows_of(doc, g, t0, t1)  # (B, Hk, C, G*bq, Dv)
+                    delta = (dot * rows_of(out, g, t0, t1)).sum(dim=-1)  # (B, Hk, C, G*bq)
+                    dqt = backward_group(g, rows_of(qc, g, t0, t1) * g.scale, kp, vp, dot, lse[:, :, t0:t1], delta,
+                                         t0, t1, items, dkp, dvp, bias_grads, kT)
+                    put_rows(dq, dqt.mul_(g.scale), g, t0, t1)
         dk = dkp[:, :, :g.Nk].to(k.dtype)
         dv = dvp[:, :, :g.Nk].to(v.dtype)
         # Gradients of the bias tensors, in the order the call listed them (see run()).
@@ -241,7 +250,7 @@ class _Blockwise(torch.autograd.Function):
         for i, part in enumerate(g.bias_parts):
             for j, t in enumerate(part.tensors()):
                 flat.append(bias_grads[i][j].to(t.dtype) if i in bias_grads and t.requires_grad else None)
-        return (None, dq, dk, dv, *flat)
+        return (None, dq.to(q.dtype), dk, dv, *flat)
 
 
 def _bias_tensor_list(parts) -> list[torch.Tensor]:

@@ -77,8 +77,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     cases = [c for c in all_cases() if args.only is None or args.only in c.variant]
     print(f"attnkit demo: {len(cases)} variants, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "error is max |fast - float64 reference|; peak MiB is the RSS growth from just before the first run
-(memory freed by earlier rows and reused is not counted: `attnkit bench` measures each case in a fresh process)\n")
+          "error is max |fast - float64 reference|; peak MiB is the RSS growth from just before the first run\n"
+          "(memory freed by earlier rows and reused is not counted: `attnkit bench` measures each case in a fresh process)\n")
     rows, skipped = [], []
     for case in cases:
         try:
