@@ -4,12 +4,13 @@ Legend: B batch, Hq query heads, Hk key/value heads, G = Hq // Hk (query heads p
 Tq query blocks of bq rows, C query blocks handled together, L keys in one work item, D head
 dim, Dv value dim. Query head h = hk * G + g (grouped-query attention reads kv head hk).
 
-Arranged layouts (made once per call by ``blockwise.py``, O(B * H * N * D) memory):
-- queries  qa: (B, Hk, Tq, G*bq, D), already multiplied by the scale; the G query heads that
-  share a kv head are stacked along the row axis, so one matmul against that kv head's keys
-  serves all of them and K/V are never repeated per query head.
-- keys/values kp, vp: (B, Hk, Tk*bk, D|Dv), zero-padded to whole tiles.
-- outputs, dq: like qa; log-sum-exp / Delta: (B, Hk, Tq, G*bq).
+Layouts (``blockwise.py`` builds them; no O(N * D) copy beyond padding K/V to whole tiles):
+- queries of a group of C query blocks, qt: (B, Hk, C, G*bq, D), already multiplied by the
+  scale; the G query heads that share a kv head are stacked along the row axis, so one matmul
+  against that kv head's keys serves all of them and K/V are never repeated per query head.
+- keys/values kp, vp: (B, Hk, Tk*bk, D|Dv), zero-padded to whole tiles; the stream schedule
+  also keeps kT = kp transposed (B, Hk, D, Tk*bk), a faster matmul operand on CPU.
+- a group's output / dq: like qt; its log-sum-exp / Delta: (B, Hk, C, G*bq).
 
 A work item is (t0, t1, keys): query blocks t0..t1-1 (C = t1 - t0) against either a contiguous
 key range (``RangeKeys``, C == 1, a view of kp) or key tiles gathered per query block

@@ -11,7 +11,7 @@ import sys
 COMMANDS = {
     "demo": ("attnkit.cli.demo", "run every implemented variant on a default workload and check it against float64"),
     "show": ("attnkit.cli.show", "draw a mask spec (ASCII and PNG) or a positional bias (heat map)"),
-    # "bench": ("attnkit.cli.bench", "benchmark backends and peers: time, peak memory, GFLOP/s"),
+    "bench": ("attnkit.cli.bench", "benchmark backends and peers: time, peak memory, GFLOP/s"),
 }
 
 
