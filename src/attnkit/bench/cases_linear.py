@@ -16,49 +16,26 @@ from ..additive import additive_attention
 from ..feature_maps import draw_favor_projection
 from ..linear import linear_attention
 from ..performer import performer_attention
-from .registry import BenchCase, BenchShape, register
+from .registry import BenchCase, BenchShape, make_step, random_qkv, register
 
 M_FEATURES = 256
 FAMILY = "longrange"
 
 
-def _qkv(shape: BenchShape, grad: bool, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    B, H, N, D = shape.B, shape.H, shape.N, shape.D
-    return [torch.randn(B, H, N, D, generator=g, dtype=torch.float32).to(shape.dtype).requires_grad_(grad)
-            for _ in range(3)]
-
-
-def _step(fn, tensors, mode: str):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-
-    def run_bwd():
-        for t in tensors:
-            t.grad = None
-        out = fn()
-        out.sum().backward()
-        return out
-    return run_bwd
-
-
 def _make_additive(shape: BenchShape, mode: str):
-    q, k, v = _qkv(shape, mode == "bwd")
+    q, k, v = random_qkv(shape, mode == "bwd")
     g = torch.Generator().manual_seed(1)
     H, D = shape.H, shape.D
     w_q = (torch.randn(H, D, D, generator=g) / D ** 0.5).to(shape.dtype).requires_grad_(mode == "bwd")
     w_k = (torch.randn(H, D, D, generator=g) / D ** 0.5).to(shape.dtype).requires_grad_(mode == "bwd")
     v_a = (torch.randn(H, D, generator=g) / D ** 0.5).to(shape.dtype).requires_grad_(mode == "bwd")
-    return _step(lambda: additive_attention(q, k, v, w_q, w_k, v_a), [q, k, v, w_q, w_k, v_a], mode)
+    return make_step(lambda: additive_attention(q, k, v, w_q, w_k, v_a), [q, k, v, w_q, w_k, v_a], mode)
 
 
 def _make_linear(causal: bool):
     def make(shape: BenchShape, mode: str):
-        q, k, v = _qkv(shape, mode == "bwd")
-        return _step(lambda: linear_attention(q, k, v, causal=causal), [q, k, v], mode)
+        q, k, v = random_qkv(shape, mode == "bwd")
+        return make_step(lambda: linear_attention(q, k, v, causal=causal), [q, k, v], mode)
     return make
 
 
@@ -68,9 +45,9 @@ def _projection(shape: BenchShape):
 
 def _make_performer(causal: bool):
     def make(shape: BenchShape, mode: str):
-        q, k, v = _qkv(shape, mode == "bwd")
+        q, k, v = random_qkv(shape, mode == "bwd")
         w = _projection(shape)
-        return _step(lambda: performer_attention(q, k, v, projection=w, causal=causal), [q, k, v], mode)
+        return make_step(lambda: performer_attention(q, k, v, projection=w, causal=causal), [q, k, v], mode)
     return make
 
 
@@ -87,8 +64,8 @@ def _make_peer_performer(causal: bool):
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice when its CUDA kernel is missing
             fa = FastAttention(dim_heads=shape.D, nb_features=M_FEATURES, causal=causal)
         fa.projection_matrix.copy_(_projection(shape))
-        q, k, v = _qkv(shape, mode == "bwd")
-        return _step(lambda: fa(q, k, v), [q, k, v], mode)
+        q, k, v = random_qkv(shape, mode == "bwd")
+        return make_step(lambda: fa(q, k, v), [q, k, v], mode)
     return make
 
 

@@ -18,34 +18,13 @@ import torch
 from ..linformer import linformer_attention
 from ..lsh import lsh_attention
 from ..nystrom import nystrom_attention
-from .registry import BenchCase, BenchShape, register
+from .registry import BenchCase, BenchShape, make_step, random_qkv, register
 
 K_PROJ, LANDMARKS, HASHES, CHUNK = 256, 256, 8, 64
 
 
 def _missing(module: str):
     return lambda shape, mode: None if importlib.util.find_spec(module) else f"{module} not installed"
-
-
-def _qkv(shape: BenchShape, mode: str, n: int = 3):
-    g = torch.Generator().manual_seed(0)
-    need = mode == "bwd"
-    return [torch.randn(shape.B, shape.H, shape.N, shape.D, generator=g, dtype=shape.dtype).requires_grad_(need)
-            for _ in range(n)]
-
-
-def _step(fn, mode: str):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-
-    def run_bwd():
-        out = fn()
-        out.backward(torch.ones_like(out))
-        return out
-    return run_bwd
 
 
 def _mult(mode: str) -> float:
@@ -56,11 +35,11 @@ def _mult(mode: str) -> float:
 
 
 def _make_linformer(shape: BenchShape, mode: str):
-    q, k, v = _qkv(shape, mode)
+    q, k, v = random_qkv(shape, mode == "bwd")
     g = torch.Generator().manual_seed(1)
     b = 1.0 / math.sqrt(K_PROJ)  # the module's (and the peer's) init
     e, f = ((torch.rand(K_PROJ, shape.N, generator=g, dtype=shape.dtype) * 2 - 1) * b for _ in range(2))
-    return _step(lambda: linformer_attention(q, k, v, e, f), mode)
+    return make_step(lambda: linformer_attention(q, k, v, e, f), (), mode)
 
 
 def _linformer_flops(shape: BenchShape, mode: str) -> float:
@@ -69,9 +48,9 @@ def _linformer_flops(shape: BenchShape, mode: str) -> float:
 
 
 def _make_nystrom(shape: BenchShape, mode: str):
-    q, k, v = _qkv(shape, mode)
+    q, k, v = random_qkv(shape, mode == "bwd")
     conv = torch.randn(shape.H, 33, generator=torch.Generator().manual_seed(1), dtype=shape.dtype) / 33  # peer's residual
-    return _step(lambda: nystrom_attention(q, k, v, num_landmarks=LANDMARKS, conv_kernel=conv), mode)
+    return make_step(lambda: nystrom_attention(q, k, v, num_landmarks=LANDMARKS, conv_kernel=conv), (), mode)
 
 
 def _nystrom_flops(shape: BenchShape, mode: str) -> float:
@@ -82,8 +61,8 @@ def _nystrom_flops(shape: BenchShape, mode: str) -> float:
 
 def _lsh_maker(causal: bool):
     def make(shape: BenchShape, mode: str):
-        qk, v = _qkv(shape, mode, 2)
-        return _step(lambda: lsh_attention(qk, v, n_hashes=HASHES, bucket_size=CHUNK, causal=causal, seed=0), mode)
+        qk, v = random_qkv(shape, mode == "bwd", n=2)
+        return make_step(lambda: lsh_attention(qk, v, n_hashes=HASHES, bucket_size=CHUNK, causal=causal, seed=0), (), mode)
     return make
 
 
@@ -117,7 +96,7 @@ def _make_peer_linformer(shape: BenchShape, mode: str):
 
     mod = LinformerSelfAttention(shape.H * shape.D, shape.N, k=K_PROJ, heads=shape.H).to(shape.dtype)
     x = _x(shape, mode)
-    return _step(lambda: mod(x), mode)
+    return make_step(lambda: mod(x), (), mode)
 
 
 def _make_peer_nystrom(shape: BenchShape, mode: str):
@@ -126,7 +105,7 @@ def _make_peer_nystrom(shape: BenchShape, mode: str):
     mod = NystromAttention(shape.H * shape.D, dim_head=shape.D, heads=shape.H, num_landmarks=LANDMARKS,
                            pinv_iterations=6, residual=True).to(shape.dtype)
     x = _x(shape, mode)
-    return _step(lambda: mod(x), mode)
+    return make_step(lambda: mod(x), (), mode)
 
 
 def _peer_lsh_maker(causal: bool):
@@ -134,9 +113,9 @@ def _peer_lsh_maker(causal: bool):
         from reformer_pytorch.reformer_pytorch import LSHAttention
 
         mod = LSHAttention(bucket_size=CHUNK, n_hashes=HASHES, causal=causal)
-        qk, v = (t.reshape(shape.B * shape.H, shape.N, shape.D) for t in _qkv(shape, "fwd", 2))
+        qk, v = (t.reshape(shape.B * shape.H, shape.N, shape.D) for t in random_qkv(shape, False, n=2))
         qk, v = qk.requires_grad_(mode == "bwd"), v.requires_grad_(mode == "bwd")
-        return _step(lambda: mod(qk, v)[0], mode)
+        return make_step(lambda: mod(qk, v)[0], (), mode)
     return make
 
 

@@ -18,34 +18,11 @@ from .. import masks
 from ..functional import attention, which_backend
 from ..positions import ALiBi, T5RelativeBias, alibi_slopes, shaw_attention, t5_relative_bucket, xl_attention
 from ..positions.xl import xl_distances, xl_sinusoid
-from .registry import BenchCase, BenchShape, register
+from .registry import BenchCase, BenchShape, make_step, random_qkv, register
 
 FAMILY = "positions"
 SHAW_K = 16
 REFERENCE_BYTES_LIMIT = 4 << 30  # refuse to time a path that would materialise more than this
-
-
-def _qkv(shape: BenchShape, grad: bool, seed: int = 0, nk: int | None = None):
-    g = torch.Generator().manual_seed(seed)
-    B, H, N, D = shape.B, shape.H, shape.N, shape.D
-    sizes = (N, nk or N, nk or N)
-    return [torch.randn(B, H, n, D, generator=g).to(shape.dtype).requires_grad_(grad) for n in sizes]
-
-
-def _step(fn, tensors, mode: str):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-
-    def run_bwd():
-        for t in tensors:
-            t.grad = None
-        out = fn()
-        out.sum().backward()
-        return out
-    return run_bwd
 
 
 # -- attnkit ------------------------------------------------------------------------------------
@@ -56,15 +33,15 @@ def _alibi_args(shape: BenchShape):
 
 
 def _make_alibi(shape: BenchShape, mode: str):
-    q, k, v = _qkv(shape, mode == "bwd")
+    q, k, v = random_qkv(shape, mode == "bwd")
     args = _alibi_args(shape)
-    return _step(lambda: attention(q, k, v, **args), [q, k, v], mode)
+    return make_step(lambda: attention(q, k, v, **args), [q, k, v], mode)
 
 
 def _make_t5(shape: BenchShape, mode: str):
-    q, k, v = _qkv(shape, mode == "bwd")
+    q, k, v = random_qkv(shape, mode == "bwd")
     t5 = T5RelativeBias(shape.H, init_std=1.0).to(shape.dtype)
-    return _step(lambda: attention(q, k, v, bias=t5.spec(), scale=1.0), [q, k, v, t5.weight], mode)
+    return make_step(lambda: attention(q, k, v, bias=t5.spec(), scale=1.0), [q, k, v, t5.weight], mode)
 
 
 def _auto_available(args_fn):
@@ -80,17 +57,17 @@ def _auto_available(args_fn):
 
 
 def _make_shaw(shape: BenchShape, mode: str):
-    q, k, v = _qkv(shape, mode == "bwd")
+    q, k, v = random_qkv(shape, mode == "bwd")
     g = torch.Generator().manual_seed(1)
     rel = [(0.02 * torch.randn(2 * SHAW_K + 1, shape.D, generator=g)).to(shape.dtype).requires_grad_(mode == "bwd")
            for _ in range(2)]
-    return _step(lambda: shaw_attention(q, k, v, rel[0], rel[1], mask=masks.causal()), [q, k, v, *rel], mode)
+    return make_step(lambda: shaw_attention(q, k, v, rel[0], rel[1], mask=masks.causal()), [q, k, v, *rel], mode)
 
 
 def _make_xl(shape: BenchShape, mode: str):
     """Segment of N queries over memory of N plus the segment (Nk = 2N), causal."""
     grad = mode == "bwd"
-    q, k, v = _qkv(shape, grad, nk=2 * shape.N)
+    q, k, v = random_qkv(shape, grad, nk=2 * shape.N)
     g = torch.Generator().manual_seed(2)
     H, D, N = shape.H, shape.D, shape.N
     w_r = (torch.randn(H * D, H * D, generator=g) / (H * D) ** 0.5).to(shape.dtype).requires_grad_(grad)
@@ -100,7 +77,7 @@ def _make_xl(shape: BenchShape, mode: str):
     def run():
         r = (R @ w_r.t()).view(-1, H, D).transpose(0, 1)  # (H, L, D)
         return xl_attention(q, k, v, r, r_w_bias=u, r_r_bias=vb, mask=masks.causal())
-    return _step(run, [q, k, v, w_r, u, vb], mode)
+    return make_step(run, [q, k, v, w_r, u, vb], mode)
 
 
 # -- peers --------------------------------------------------------------------------------------
@@ -122,7 +99,7 @@ def _make_flex(kind: str):
     def make(shape: BenchShape, mode: str):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        q, k, v = _qkv(shape, mode == "bwd")
+        q, k, v = random_qkv(shape, mode == "bwd")
         N, H = shape.N, shape.H
         if kind == "alibi":
             slopes = alibi_slopes(H)
@@ -145,7 +122,7 @@ def _make_flex(kind: str):
         call = lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
         with torch.no_grad():
             call()  # compile outside the timed step
-        return _step(call, [q, k, v], mode)
+        return make_step(call, [q, k, v], mode)
     return make
 
 
@@ -166,12 +143,12 @@ def _make_t5_peer(shape: BenchShape, mode: str):
     cfg = T5Config(d_model=H * D, d_kv=D, num_heads=H, is_decoder=False, dropout_rate=0.0)
     cfg._attn_implementation = "eager"
     mod = T5Attention(cfg, has_relative_attention_bias=True).to(shape.dtype).eval()
-    q, k, v = _qkv(shape, mode == "bwd")
+    q, k, v = random_qkv(shape, mode == "bwd")
 
     def run():
         bias = mod.compute_bias(N, N, device=q.device)  # (1, H, N, N)
         return eager_attention_forward(mod, q, k, v, None, scaling=1.0, position_bias=bias)[0]
-    return _step(run, [q, k, v, mod.relative_attention_bias.weight], mode)
+    return make_step(run, [q, k, v, mod.relative_attention_bias.weight], mode)
 
 
 def _flops_attention(s: BenchShape, mode: str) -> float:

@@ -30,7 +30,7 @@ import torch
 
 from .. import biases, masks
 from ..functional import attention
-from .registry import BenchCase, BenchShape, register
+from .registry import BenchCase, BenchShape, make_step, random_qkv, register
 
 FAMILY = "softmax"
 DENSE_LIMIT_BYTES = 6 << 30  # skip impls that would materialise more than this
@@ -99,31 +99,9 @@ def _flops(variant):
     return f
 
 
-def _qkv(shape: BenchShape, grad: bool):
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(shape.B, shape.H, shape.N, shape.D, generator=g).to(shape.dtype).requires_grad_(grad)
-            for _ in range(3)]
-
-
 def _float_bias(shape: BenchShape) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(1, 1, shape.N, shape.N, generator=g).to(shape.dtype)
-
-
-def _step(fn, tensors, mode: str):
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                return fn()
-        return run
-
-    def run_bwd():
-        for t in tensors:
-            t.grad = None
-        out = fn()
-        out.sum().backward()
-        return out
-    return run_bwd
 
 
 # -- attnkit ------------------------------------------------------------------------------------
@@ -131,11 +109,11 @@ def _step(fn, tensors, mode: str):
 
 def _make_attnkit(variant: str, backend: str):
     def make(shape: BenchShape, mode: str):
-        q, k, v = _qkv(shape, mode == "bwd")
+        q, k, v = random_qkv(shape, mode == "bwd")
         mask, bias = specs(variant, shape.N)
         if variant == "float_bias":
             bias = _float_bias(shape)
-        return _step(lambda: attention(q, k, v, mask=mask, bias=bias, backend=backend), (q, k, v), mode)
+        return make_step(lambda: attention(q, k, v, mask=mask, bias=bias, backend=backend), (q, k, v), mode)
     return make
 
 
@@ -164,7 +142,7 @@ def _sdpa_available(variant):
 def _make_sdpa(variant: str):
     def make(shape: BenchShape, mode: str):
         F = torch.nn.functional
-        q, k, v = _qkv(shape, mode == "bwd")
+        q, k, v = random_qkv(shape, mode == "bwd")
         N = shape.N
         kwargs = {}
         if variant == "causal":
@@ -177,7 +155,7 @@ def _make_sdpa(variant: str):
             kwargs["attn_mask"] = dense.masked_fill(~mask.to_dense(N, N), float("-inf"))
         elif variant != "dense":
             kwargs["attn_mask"] = specs(variant, N)[0].to_dense(N, N)  # (1, 1, N, N) bool
-        return _step(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs), (q, k, v), mode)
+        return make_step(lambda: F.scaled_dot_product_attention(q, k, v, **kwargs), (q, k, v), mode)
     return make
 
 
@@ -198,7 +176,7 @@ def _make_flex(variant: str):
     def make(shape: BenchShape, mode: str):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        q, k, v = _qkv(shape, mode == "bwd")
+        q, k, v = random_qkv(shape, mode == "bwd")
         mask, bias = specs(variant, shape.N)
         block_mask = None
         if mask is not None:
@@ -212,7 +190,7 @@ def _make_flex(variant: str):
         elif bias is not None:
             score_mod = lambda s, b, h, qi, ki: s + bias(b, h, qi, ki).to(s.dtype)
         fn = torch.compile(flex_attention, dynamic=False)
-        return _step(lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask), (q, k, v), mode)
+        return make_step(lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask), (q, k, v), mode)
     return make
 
 
@@ -228,11 +206,11 @@ def _local_available(shape: BenchShape, mode: str):
 def _make_local(shape: BenchShape, mode: str):
     from local_attention import LocalAttention
 
-    q, k, v = _qkv(shape, mode == "bwd")
+    q, k, v = random_qkv(shape, mode == "bwd")
     # exact_windowsize: keys with 0 <= i - j <= 256, i.e. attnkit's sliding_window(256).
     mod = LocalAttention(window_size=256, causal=True, look_backward=1, look_forward=0, exact_windowsize=True,
                          use_rotary_pos_emb=False, autopad=True, dim=shape.D)
-    return _step(lambda: mod(q, k, v), (q, k, v), mode)
+    return make_step(lambda: mod(q, k, v), (q, k, v), mode)
 
 
 # -- registration -------------------------------------------------------------------------------

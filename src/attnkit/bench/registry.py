@@ -44,3 +44,28 @@ def register(case: BenchCase) -> BenchCase:
         raise ValueError(f"bench case {key} registered twice")
     CASES[key] = case
     return case
+
+
+def random_qkv(shape: BenchShape, grad: bool, *, n: int = 3, nk: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` seeded tensors (B, H, N, D) in shape.dtype; all but the first have Nk = nk if given."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [shape.N] + [nk or shape.N] * (n - 1)
+    return [torch.randn(shape.B, shape.H, s, shape.D, generator=g).to(shape.dtype).requires_grad_(grad) for s in sizes]
+
+
+def make_step(fn: Callable[[], torch.Tensor], tensors, mode: str) -> Callable[[], torch.Tensor]:
+    """One timed step: ``fn()`` under no_grad ("fwd"), or ``fn().sum().backward()`` ("bwd")
+    after clearing the gradients of ``tensors``."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    def run_bwd():
+        for t in tensors:
+            t.grad = None
+        out = fn()
+        out.sum().backward()
+        return out
+    return run_bwd
