@@ -21,7 +21,8 @@ Conventions
   position (document ids, block layouts, global flags) define a query before key 0 (possible
   when Nq > Nk) as belonging to no document / layout row / global set.
 
-Structured specs live here; the sparse ones from the literature (dilated, strided, fixed,
+Structured specs live here; data-carrying ones (padding, documents, tensors, functions) in
+``attnkit.data_masks``, the sparse ones from the literature (dilated, strided, fixed,
 block-sparse, global tokens, BigBird) are in ``attnkit.sparse_masks`` and re-exported below.
 """
 
@@ -320,201 +321,18 @@ def prefix_lm(prefix_len) -> Mask:
     return PrefixLM(prefix_len)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data-dependent masks: padding, packed documents, dense tensors, functions
-# ---------------------------------------------------------------------------------------------
-
-
-class KeyPadding(Mask):
-    """Keys j < lengths[b] are real; later keys are padding and never attended."""
-
-    def __init__(self, lengths: torch.Tensor):
-        if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
-            got = f"{lengths.dtype} {shape_str(lengths)}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"key_padding: lengths must be a 1-D integer tensor (B,), got {got}")
-        if (lengths < 0).any():
-            raise ValueError(f"key_padding: lengths must be >= 0, got {lengths.tolist()}")
-        self.lengths = lengths.to(torch.int64)
-
-    @property
-    def device(self):
-        return self.lengths.device
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        return k < self.lengths.to(k.device)[b]
-
-    def check(self, nq, nk, *, batch=1, heads=1):
-        if self.lengths.shape[0] != batch:
-            raise ValueError(f"key_padding: lengths has {self.lengths.shape[0]} entries, expected batch size B={batch}")
-
-    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        self.check(nq, nk, batch=batch, heads=heads)
-        _, _, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
-        n = self.lengths.to(k0.device).view(-1, 1, 1, 1)
-        tq = -(-nq // block_q)
-        full = (k1 < n).expand(-1, 1, tq, -1)
-        empty = (k0 >= n).expand(-1, 1, tq, -1)
-        return _classify(full, empty)
-
-    def __repr__(self):
-        return f"key_padding({self.lengths.tolist() if self.lengths.numel() <= 8 else 'tensor'})"
-
-
-def key_padding(lengths: torch.Tensor) -> Mask:
-    """Mask padded keys: ``lengths`` (B,) gives the number of real keys of each sequence."""
-    return KeyPadding(lengths)
-
-
-class KeyValid(Mask):
-    """Per-key validity (B, Nk), True = real key. Built from a padding tensor."""
-
-    def __init__(self, valid: torch.Tensor):
-        self.valid = valid
-
-    @property
-    def device(self):
-        return self.valid.device
-
-    def check(self, nq, nk, *, batch=1, heads=1):
-        _check_rows("key_padding_from_bool", "is_pad", self.valid.shape[0], batch)
-        _check_keys("key_padding_from_bool", "is_pad", self.valid.shape[1], nk)
-
-    def _size_hint(self):
-        return self.valid.shape[1], self.valid.shape[1]
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        if num_keys is not None:
-            _check_keys("key_padding_from_bool", "is_pad", self.valid.shape[1], num_keys)
-        return self.valid.to(k.device)[b, k]
-
-    def __repr__(self):
-        return f"key_padding_from_bool(tensor{tuple(self.valid.shape)})"
-
-
-def key_padding_from_bool(is_pad: torch.Tensor) -> Mask:
-    """From a (B, Nk) bool tensor where True marks PADDING (torch MHA's key_padding_mask)."""
-    if not isinstance(is_pad, torch.Tensor) or is_pad.dtype != torch.bool or is_pad.dim() != 2:
-        got = f"{is_pad.dtype} {shape_str(is_pad)}" if isinstance(is_pad, torch.Tensor) else type(is_pad).__name__
-        raise ValueError(f"key_padding_from_bool: is_pad must be a bool tensor (B, Nk) with True = padding, got {got}")
-    return KeyValid(~is_pad)
-
-
-class Document(Mask):
-    """Packed sequences: a query attends only keys of its own document (ids (B, Nk))."""
-
-    def __init__(self, ids: torch.Tensor):
-        if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.is_floating_point():
-            got = f"{ids.dtype} {shape_str(ids)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"document: ids must be an integer tensor (Nk,) or (B, Nk), got {got}")
-        self.ids = (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64)
-
-    @property
-    def device(self):
-        return self.ids.device
-
-    def check(self, nq, nk, *, batch=1, heads=1):
-        _check_rows("document", "ids", self.ids.shape[0], batch, shared_ok=True)
-        _check_keys("document", "ids", self.ids.shape[1], nk)
-
-    def _size_hint(self):
-        return self.ids.shape[1], self.ids.shape[1]
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        if num_keys is not None:
-            _check_keys("document", "ids", self.ids.shape[1], num_keys)
-        ids = self.ids.to(k.device)
-        bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
-        # A query before key 0 (Nq > Nk) belongs to no document.
-        return (ids[bb, q.clamp_min(0)] == ids[bb, k]) & (q >= 0)
-
-    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        # Closed form for sorted ids (the packed case): tile full iff one document spans it.
-        self.check(nq, nk, batch=batch, heads=heads)
-        ids = self.ids.to(device or self.device)
-        if nq <= nk and bool((ids[:, 1:] >= ids[:, :-1]).all()):
-            q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, ids.device)
-            lo_q, hi_q = ids[:, q0.view(-1)].unsqueeze(-1), ids[:, q1.view(-1)].unsqueeze(-1)  # (B', Tq, 1)
-            lo_k, hi_k = ids[:, k0.view(-1)].unsqueeze(1), ids[:, k1.view(-1)].unsqueeze(1)    # (B', 1, Tk)
-            full = (lo_q == hi_q) & (lo_k == hi_k) & (lo_q == lo_k)
-            empty = (hi_q < lo_k) | (hi_k < lo_q)
-            return _classify(full.unsqueeze(1), empty.unsqueeze(1))
-        return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
-
-    def __repr__(self):
-        return f"document(tensor{tuple(self.ids.shape)})"
-
-
-def document(ids: torch.Tensor) -> Mask:
-    """Packed sequences: ``ids`` (B, Nk) or (Nk,) labels each position with its document."""
-    return Document(ids)
-
-
-class TensorMask(Mask):
-    """A dense bool tensor broadcastable to (B, H, Nq, Nk), wrapped as a spec.
-
-    The tensor is indexed by query *row* (0..Nq-1); positions in key coordinates are shifted back.
-    """
-
-    def __init__(self, tensor: torch.Tensor, nq: int, nk: int):
-        while tensor.dim() < 4:
-            tensor = tensor.unsqueeze(0)
-        self.tensor, self.nq, self.nk = tensor, nq, nk
-
-    @property
-    def device(self):
-        return self.tensor.device
-
-    def check(self, nq, nk, *, batch=1, heads=1):
-        want = (batch, heads, nq, nk)
-        if any(g not in (1, w) for g, w in zip(self.tensor.shape, want)) or (nq, nk) != (self.nq, self.nk):
-            raise ValueError(
-                f"mask tensor of shape {shape_str(self.tensor)} (for Nq={self.nq}, Nk={self.nk}) does not broadcast "
-                f"to (B, Hq, Nq, Nk) = {want}"
-            )
-
-    def _size_hint(self):
-        return self.nq, self.nk
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        if num_keys is not None and num_keys != self.nk:
-            raise ValueError(f"this tensor mask is for Nk={self.nk}, asked for Nk={num_keys}")
-        t = self.tensor
-        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
-        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
-        qi = q - (self.nk - self.nq) if t.shape[2] > 1 else torch.zeros_like(q)
-        ki = k if t.shape[3] > 1 else torch.zeros_like(k)
-        return t[bi, hi, qi, ki]
-
-    def to_dense(self, nq, nk=None, *, batch=1, heads=1, device=None):
-        nk = nq if nk is None else nk
-        if (nq, nk) != (self.nq, self.nk):
-            raise ValueError(f"this tensor mask is for (Nq, Nk) = ({self.nq}, {self.nk}), asked for ({nq}, {nk})")
-        return torch.broadcast_to(self.tensor, (batch, heads, nq, nk))
-
-    def __repr__(self):
-        return f"tensor_mask{tuple(self.tensor.shape)}"
-
-
-class FunctionMask(Mask):
-    def __init__(self, fn, name: str | None = None):
-        self.fn, self.name = fn, name or getattr(fn, "__name__", "fn")
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        out = self.fn(b, h, q, k)
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-            raise TypeError(f"mask function {self.name} must return a bool tensor, got {getattr(out, 'dtype', type(out))}")
-        return out
-
-    def __repr__(self):
-        return f"from_function({self.name})"
-
-
-def from_function(fn, name: str | None = None) -> Mask:
-    """A mask from ``fn(b, h, q, k) -> bool tensor`` (flex's mask_mod; q in key coordinates)."""
-    return FunctionMask(fn, name)
-
-
-from .sparse_masks import (  # noqa: E402  (they subclass Mask, defined above)
+from .data_masks import (  # noqa: E402  (they subclass Mask, defined above)
+    Document,
+    FunctionMask,
+    KeyPadding,
+    KeyValid,
+    TensorMask,
+    document,
+    from_function,
+    key_padding,
+    key_padding_from_bool,
+)
+from .sparse_masks import (  # noqa: E402
     bigbird,
     block_sparse,
     dilated,
@@ -527,4 +345,5 @@ __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "prefix_lm", "key_padding",
     "key_padding_from_bool", "document", "from_function", "dilated", "strided", "fixed",
     "block_sparse", "global_tokens", "bigbird", "evaluate_tiles",
+    "Band", "PrefixLM", "And", "Or", "KeyPadding", "KeyValid", "Document", "TensorMask", "FunctionMask",
 ]
