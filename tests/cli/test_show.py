@@ -43,3 +43,18 @@ def test_show_command_writes_ascii_and_png(tmp_path, capsys):
 def test_show_bad_spec_is_a_clean_error(capsys):
     assert main(["show", "nope", "--out", "none"]) == 2
     assert "unknown spec 'nope'" in capsys.readouterr().err
+
+
+def test_show_draws_alibi_heat_map_with_mask(capsys, tmp_path):
+    out = tmp_path / "alibi.png"
+    assert main(["show", "alibi(8)", "--size", "5", "--head", "0", "--mask", "causal", "--out", str(out)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in text[1:6]]
+    # head 0 of 8 has slope 1/2: bias -0.5 * (i - j) below the diagonal, blank (nan) above it
+    assert rows[4][:5] == ["-2.00", "-1.50", "-1.00", "-0.50", "0.00"]
+    assert rows[0][1] == "nan"
+    assert out.stat().st_size > 1000
+
+
+def test_show_draws_t5_bias():
+    assert main(["show", "t5(4)", "--size", "12", "--out", "none"]) == 0

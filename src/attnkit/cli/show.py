@@ -69,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=32, help="sequence length N (queries and keys)")
     p.add_argument("--nq", type=int, default=None, help="number of queries if different from --size (bottom-right aligned)")
     p.add_argument("--head", type=int, default=0, help="which head to draw")
+    p.add_argument("--mask", default=None, help='for a bias: blank out pairs this mask blocks, e.g. "causal"')
     p.add_argument("--out", default=None, help="PNG path (default: show-<spec>.png; 'none' for ASCII only)")
 
 
@@ -95,10 +96,14 @@ def run(args) -> int:
     nk, nq = args.size, args.nq or args.size
     if isinstance(spec, Bias):
         dense = spec.to_dense(nq, nk, heads=args.head + 1)
-        matrix = dense.expand(1, args.head + 1, nq, nk)[0, args.head]
-        print(f"{spec!r}  head {args.head}, Nq={nq}, Nk={nk}; min {matrix.min():.3f}, max {matrix.max():.3f}")
+        matrix = dense.expand(1, args.head + 1, nq, nk)[0, args.head].clone()
+        if args.mask:
+            blocked = ~parse_spec(args.mask).to_dense(nq, nk, heads=args.head + 1)[0, args.head]
+            matrix[blocked] = float("nan")  # drawn blank; ASCII shows nan
+        finite = matrix[~matrix.isnan()]
+        print(f"{spec!r}  head {args.head}, Nq={nq}, Nk={nk}; min {finite.min():.3f}, max {finite.max():.3f}")
         if nk <= 24:
-            print(spec.picture(nq, nk, head=args.head))
+            print("\n".join(" ".join(f"{x:6.2f}" for x in row.tolist()) for row in matrix))
         heat = True
     elif isinstance(spec, M.Mask):
         matrix = spec.to_dense(nq, nk, heads=args.head + 1)[0, args.head]
