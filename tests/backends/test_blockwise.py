@@ -17,7 +17,14 @@ import attnkit
 from attnkit import biases as Bi
 from attnkit import masks as M
 from attnkit.backends import BACKENDS
-from attnkit.backends.blockwise import BlockwiseBackend, BlockwiseOptions, blockwise_attention, make_plan
+from attnkit.backends.blockwise import (
+    BlockwiseBackend,
+    BlockwiseOptions,
+    blockwise_attention,
+    make_plan,
+    shift_free_blocks,
+)
+from attnkit.backends.blockwise_tiles import translation_invariant
 from attnkit.functional import make_call
 from tests.strategies import Shape, bool_masks, make_qkv, mask_specs, shapes
 from tests.tolerances import assert_close
@@ -108,8 +115,10 @@ def test_large_tiles_and_both_schedules_agree():
 def test_low_precision_within_tolerance(dtype):
     shape = Shape(1, 2, 1, 200, 260, 16, 16)
     q, k, v = make_qkv(shape, dtype=dtype, seed=4)
-    bias = Bi.from_function(lambda b, h, i, j: -0.05 * (i - j).abs().to(torch.float32), name="decay")
-    for mask in (M.causal(), M.sliding_window(64)):
+    decay = Bi.from_function(lambda b, h, i, j: -0.05 * (i - j).abs().to(torch.float32), name="decay")
+    # with the bias spec: running-max softmax; without: shift-free softmax and cached band pattern
+    for mask, bias in ((M.causal(), decay), (M.sliding_window(64), decay), (M.causal(), None),
+                       (M.sliding_window(64), None)):
         ref = run_both(*(t.detach().double().requires_grad_() for t in (q, k, v)), BlockwiseOptions(block_q=32, block_k=32),
                        mask=mask, bias=bias)[0]
         out = blockwise_attention(q, k, v, mask=mask, bias=bias, options=BlockwiseOptions(block_q=32, block_k=32))
@@ -169,6 +178,72 @@ def test_no_nq_by_nk_tensor_in_forward_or_backward(mask):
         out.sum().backward()
     assert table.grad is not None
     assert rec.max_numel <= 4 * N * D  # inputs and O(N * D) buffers; the scores would be N * N
+
+
+@st.composite
+def band_masks(draw, shape: Shape) -> M.Mask:
+    """Bands (causal, windows, arbitrary [lo, hi], possibly empty rows) and their & / |."""
+    def band():
+        lo = draw(st.one_of(st.none(), st.integers(-shape.Nk, 3)))
+        hi = draw(st.one_of(st.none(), st.integers(-3, shape.Nk)))
+        return M.Band(lo, hi, f"Band({lo}, {hi})")
+    kind = draw(st.sampled_from(["causal", "window", "band", "and", "or"]))
+    if kind == "causal":
+        return M.causal()
+    if kind == "window":
+        return M.sliding_window(draw(st.integers(0, 6)), draw(st.integers(0, 2)))
+    if kind == "band":
+        return band()
+    return (band() & band()) if kind == "and" else (band() | band())
+
+
+@SETTINGS
+@given(data=st.data())
+def test_bands_shift_free_and_max_paths(data):
+    """Band masks through the cached band pattern (regular blocks) and the per-tile path
+    (boundary blocks, padding, Nq != Nk), with the shift-free softmax (unit-scale inputs) and
+    with the running-max softmax (inputs scaled so that the score bound exceeds it)."""
+    shape = data.draw(shapes(max_len=40))
+    mask = data.draw(band_masks(shape))
+    assert translation_invariant(mask)
+    opts = data.draw(options())
+    big = data.draw(st.booleans())
+    q, k, v = make_qkv(shape, seed=data.draw(st.integers(0, 99)), scale=8.0 if big else 1.0)
+    check(*run_both(q, k, v, opts, mask=mask))
+
+
+def test_shift_free_only_when_bounded():
+    """The bound |scale| |q| max|k| (or the softcap) decides; bias specs always take the max path."""
+    q, k, v = make_qkv(Shape(1, 2, 1, 64, 64, 8, 8), seed=0, requires_grad=False)
+    plan = make_plan(make_call(q, k, v, mask=M.causal()), BlockwiseOptions(block_q=16, block_k=16))
+    assert shift_free_blocks(plan.geom, q, k) == [True] * 4
+    q2 = q.clone()
+    q2[0, 1, 40] *= 100.0  # one huge query row: only its block (rows 32..47) loses the fast path
+    assert shift_free_blocks(plan.geom, q2, k) == [True, True, False, True]
+    capped = make_plan(make_call(q2, k, v, softcap=5.0), BlockwiseOptions(block_q=16, block_k=16))
+    assert shift_free_blocks(capped.geom, q2, k) == [True] * 4
+    bias = Bi.from_function(lambda b, h, i, j: -0.01 * (i - j).abs().to(torch.float64), name="decay")
+    biased = make_plan(make_call(q, k, v, bias=bias), BlockwiseOptions(block_q=16, block_k=16))
+    assert shift_free_blocks(biased.geom, q, k) == [False] * 4
+    nan = q.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert shift_free_blocks(plan.geom, nan, k)[0] is False
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_gather_with_many_key_tiles(big):
+    """Tk >= 128 key tiles in the gather schedule (an int8 sort key once overflowed there and
+    gathered empty tiles), interior blocks through the cached band pattern, Nq != Nk, GQA."""
+    shape = Shape(1, 4, 2, 280, 301, 8, 8)
+    q, k, v = make_qkv(shape, seed=7, scale=6.0 if big else 1.0)
+    opts = BlockwiseOptions(block_q=2, block_k=2, item_elements=4096)
+    mask = M.sliding_window(5, 1)
+    plan = make_plan(make_call(q, k, v, mask=mask), opts)
+    assert plan.schedule == "gather" and plan.geom.Tk >= 128
+    assert all(shift_free_blocks(plan.geom, q.detach(), k.detach())) != big
+    offsets = {it.offset for _, _, items in plan.groups for it in items}
+    assert len(offsets - {None}) == 1  # interior groups share one offset (one cached pattern)
+    check(*run_both(q, k, v, opts, mask=mask))
 
 
 def test_tiles_empty_are_skipped_and_full_are_unmasked():

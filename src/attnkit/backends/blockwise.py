@@ -10,6 +10,13 @@ autograd Function that saves only the output and the log-sum-exp and recomputes 
 backward. Peak extra memory O(B * H * N * D + one work item), never O(Nq * Nk), forward and
 backward; time O(number of non-empty tiles * bq * bk * D).
 
+Forward softmax: when no bias spec is added and |scale * q.k| <= 30 is guaranteed for a query
+block (Cauchy-Schwarz bound from the row norms, or the softcap), p = exp(s) is used without a
+running max (exact to rounding: no overflow, no subnormals) and masks are applied after exp by
+zeroing; otherwise the running max of FlashAttention-2. Per-item buffers (scores, gathered K/V)
+are reused across items (``Workspace``), and for band masks (causal, sliding windows, their
+& / |) the keep pattern of every regular item is one cached (bq, L) 0/1 multiplier.
+
 The mask spec's ``tiles()`` map decides the work: EMPTY tiles are skipped, FULL tiles need no
 mask, the mask is evaluated only on items that contain a PARTIAL tile. Bias specs are evaluated
 per item from positions; their learnable tensors (``bias.tensors()``) get gradients from the
@@ -38,12 +45,15 @@ from ..biases import TensorBias
 from ..masks import EMPTY, FULL, PARTIAL
 from .base import AttentionCall, Backend
 from .blockwise_tiles import (
+    SHIFT_FREE_BOUND,
     GatherKeys,
     Geometry,
     RangeKeys,
+    Workspace,
     backward_group,
     flatten_bias,
     forward_group,
+    translation_invariant,
 )
 from .reference import compute_dtype
 
@@ -116,19 +126,28 @@ def _stream_groups(st: torch.Tensor, bk: int, run_tiles: int) -> tuple:
     return tuple(groups)
 
 
-def _gather_groups(st: torch.Tensor, M: int, chunk: int) -> tuple:
+def _gather_groups(st: torch.Tensor, M: int, chunk: int, bq: int, bk: int, Nq: int, Nk: int) -> tuple:
     Tq, Tk = st.shape
     nonempty = st != EMPTY
     # Non-empty tiles of each row first, in key order; padding slots point at tile 0 (masked).
-    order = torch.argsort((~nonempty).to(torch.int8) * Tk + torch.arange(Tk, device=st.device), dim=1)[:, :M]
+    # (int64 sort key: an int8 one overflows at Tk >= 128 and would pick empty tiles.)
+    key = (~nonempty).to(torch.int64) * Tk + torch.arange(Tk, device=st.device)
+    order = torch.argsort(key, dim=1)[:, :M]
     slot_ok = torch.gather(nonempty, 1, order)
     idx = torch.where(slot_ok, order, torch.zeros_like(order))
     partial = (torch.gather(st, 1, order) == PARTIAL) | ~slot_ok
+    # Regular blocks (GatherKeys.offset): M consecutive real tiles, whole block of real queries.
+    t = torch.arange(Tq, device=st.device)
+    regular = (slot_ok.all(dim=1) & (torch.diff(idx, dim=1) == 1).all(dim=1)
+               & ((idx[:, -1] + 1) * bk <= Nk) & ((t + 1) * bq <= Nq))
+    offset = (idx[:, 0] * bk - (t * bq + Nk - Nq)).tolist()
+    regular = regular.tolist()
     groups = []
     for t0 in range(0, Tq, chunk):
         t1 = min(Tq, t0 + chunk)
         masked = bool(partial[t0:t1].any())
-        groups.append((t0, t1, (GatherKeys(idx[t0:t1], slot_ok[t0:t1], masked),)))
+        same = all(regular[t0:t1]) and len(set(offset[t0:t1])) == 1
+        groups.append((t0, t1, (GatherKeys(idx[t0:t1], slot_ok[t0:t1], masked, offset[t0] if same else None),)))
     return tuple(groups)
 
 
@@ -148,7 +167,7 @@ def make_plan(call: AttentionCall, opts: BlockwiseOptions) -> Plan:
     gather_ok = (0 < M and M * bk <= opts.gather_max_keys and Tq * M <= opts.gather_max_waste * total)
     if gather_ok:
         chunk = max(1, opts.item_elements // (rows * M * bk))
-        return Plan(geom, "gather", _gather_groups(st, M, chunk), call.v.shape[3])
+        return Plan(geom, "gather", _gather_groups(st, M, chunk, bq, bk, Nq, Nk), call.v.shape[3])
     run_tiles = max(1, opts.item_elements // (rows * bk))
     return Plan(geom, "stream", _stream_groups(st, bk, run_tiles), call.v.shape[3])
 
@@ -190,6 +209,23 @@ def pad_kv(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, g.Tk * g.bk - g.Nk))
 
 
+def shift_free_blocks(g: Geometry, qc: torch.Tensor, kp: torch.Tensor) -> list[bool]:
+    """Per query block: may the forward use p = exp(s) without a running max?
+
+    True when no bias spec is added and every score of the block is bounded by
+    SHIFT_FREE_BOUND: |scale * q.k| <= |scale| * |q| * max |k| (Cauchy-Schwarz), or the softcap.
+    Costs one pass over q and k (their row norms). NaN/inf inputs give False.
+    """
+    if g.bias_parts or g.dtype not in SHIFT_FREE_BOUND:
+        return [False] * g.Tq
+    qn = qc.norm(dim=-1)  # (B, Hq, Nq)
+    qn = F.pad(qn, (0, g.Tq * g.bq - g.Nq)).view(g.B, g.Hq, g.Tq, g.bq).amax(dim=(0, 1, 3))  # (Tq,)
+    bound = qn * (kp.norm(dim=-1).amax() * abs(g.scale))
+    if g.softcap is not None:
+        bound = torch.where(torch.isnan(bound), bound, bound.clamp_max(abs(g.softcap)))
+    return (bound <= SHIFT_FREE_BOUND[g.dtype]).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd Function
 # ---------------------------------------------------------------------------------------------
@@ -203,15 +239,22 @@ class _Blockwise(torch.autograd.Function):
         g = plan.geom
         qc = q.to(g.dtype)
         kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
-        out = torch.zeros(g.B, g.Hq, g.Nq, plan.Dv, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, Dv)
+        out = torch.empty(g.B, g.Hq, g.Nq, plan.Dv, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, Dv)
         lse = torch.full((g.B, g.Hk, g.Tq, g.G * g.bq), float("inf"), dtype=g.dtype, device=q.device)
         kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
+        shift_free = shift_free_blocks(g, qc, kp)
+        band_cache = {} if translation_invariant(g.mask) else None
+        ws = Workspace(g.dtype, q.device)
         for t0, t1, items in plan.groups:
             if items:
-                qt = rows_of(qc, g, t0, t1) * g.scale  # (B, Hk, C, G*bq, D)
-                o, s = forward_group(g, qt, kp, vp, t0, t1, items, plan.Dv, kT)
+                rows = rows_of(qc, g, t0, t1)  # (B, Hk, C, G*bq, D)
+                qt = torch.mul(rows, g.scale, out=ws.take("q", rows.shape))
+                o, s = forward_group(g, qt, kp, vp, t0, t1, items, plan.Dv, kT,
+                                     shift_free=all(shift_free[t0:t1]), band_cache=band_cache, ws=ws)
                 put_rows(out, o, g, t0, t1)
                 lse[:, :, t0:t1] = s
+            else:  # no key tile at all: zeros (lse stays +inf)
+                out[:, :, t0 * g.bq:t1 * g.bq] = 0
         ctx.plan = plan
         result = out.to(q.dtype)
         # Save the returned tensor when it has the compute dtype (autograd then guards it against

@@ -28,8 +28,17 @@ import torch
 
 from .._hash import dropout_keep
 from ..biases import Bias, SumBias, TensorBias
+from ..masks import And, Band, Or
 
 NEG_INF = float("-inf")
+
+# Shift-free softmax: when |score| <= SHIFT_FREE_BOUND is guaranteed (Cauchy-Schwarz bound on
+# scale * |q| * |k|, or the softcap), p = exp(s) needs no running max: it neither overflows
+# (sums stay below Nk * e^30) nor underflows into subnormals (p >= e^-30), and the softmax is
+# shift-invariant, so the result equals the max-shifted one to rounding. It saves the max,
+# subtract and rescale passes over every score tile, and masks are applied after exp by
+# zeroing (exp of -inf and of large negatives hits a slow path on x86 CPUs).
+SHIFT_FREE_BOUND = {torch.float32: 30.0, torch.float64: 300.0}
 
 
 @dataclass(frozen=True)
@@ -43,11 +52,17 @@ class RangeKeys:
 
 @dataclass(frozen=True)
 class GatherKeys:
-    """Per query block, M key tiles idx (C, M); slot_ok (C, M) False for padding slots."""
+    """Per query block, M key tiles idx (C, M); slot_ok (C, M) False for padding slots.
+
+    offset: when every block of the group reads M consecutive whole tiles of real keys, is a
+    whole block of real queries, and its first key minus its first query (key coordinates) is
+    the same number d for all C blocks, that d; else None (see ``band_blocked``).
+    """
 
     idx: torch.Tensor
     slot_ok: torch.Tensor
     masked: bool
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,30 +112,71 @@ def positions(g: Geometry, t0: int, t1: int, kpos: torch.Tensor, device):
     return b, h, q, k
 
 
-def item_keys(g: Geometry, kp: torch.Tensor, vp: torch.Tensor, keys, kT: torch.Tensor | None = None):
+class Workspace:
+    """Reusable scratch buffers of one call, so that the per-item score / gather tensors are not
+    allocated (and page-faulted in) again for every work item. ``take`` returns a contiguous
+    view of the first numel elements of a named flat buffer; a name's previous view is dead."""
+
+    def __init__(self, dtype: torch.dtype, device):
+        self.dtype, self.device, self.bufs = dtype, device, {}
+
+    def take(self, name: str, shape) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[name] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(shape)
+
+
+def item_keys(g: Geometry, kp: torch.Tensor, vp: torch.Tensor, keys, kT: torch.Tensor | None = None,
+              ws: Workspace | None = None):
     """(ktT (B,Hk,C|1,D,L), vt (B,Hk,C|1,L,Dv), kpos (C|1, L) clamped, kvalid (C|1, L) or None).
 
     kT: optional (B, Hk, D, Tk*bk) contiguous copy of kp transposed; a contiguous (D, L) operand
-    makes the q.k^T matmul about 1.3x faster on CPU than a transposed view.
+    makes the q.k^T matmul about 1.3x faster on CPU than a transposed view. ws: gathered K/V go
+    into its buffers "k" and "v" (valid until the next call with the same ws).
     """
+    ktT, vt = item_kv(g, kp, vp, keys, kT, ws)
+    return (ktT, vt, *item_pos(g, keys, kp.device))
+
+
+def item_pos(g: Geometry, keys, device):
+    """(kpos (C|1, L) key positions clamped to Nk - 1, kvalid (C|1, L) bool or None)."""
+    if isinstance(keys, RangeKeys):
+        raw = torch.arange(keys.k0, keys.k1, device=device).view(1, -1)
+        kvalid = raw < g.Nk if keys.k1 > g.Nk else None
+        return raw.clamp_max(g.Nk - 1), kvalid
+    C, M = keys.idx.shape
+    raw = (keys.idx.unsqueeze(-1) * g.bk + torch.arange(g.bk, device=device)).view(C, M * g.bk)
+    kvalid = (raw < g.Nk) & keys.slot_ok.repeat_interleave(g.bk, dim=1)
+    return raw.clamp_max(g.Nk - 1), kvalid
+
+
+def item_kv(g: Geometry, kp: torch.Tensor, vp: torch.Tensor, keys, kT: torch.Tensor | None = None,
+            ws: Workspace | None = None):
+    """(ktT (B,Hk,C|1,D,L), vt (B,Hk,C|1,L,Dv)): views of kp / kT, or gathered tiles."""
     B, Hk = kp.shape[:2]
-    dev = kp.device
     if isinstance(keys, RangeKeys):
         if kT is not None:
             ktT = kT[:, :, :, keys.k0:keys.k1].unsqueeze(2)  # (B, Hk, 1, D, L), a view
         else:
             ktT = kp[:, :, keys.k0:keys.k1].unsqueeze(2).transpose(-1, -2)
         vt = vp[:, :, keys.k0:keys.k1].unsqueeze(2)  # (B, Hk, 1, L, Dv)
-        raw = torch.arange(keys.k0, keys.k1, device=dev).view(1, -1)
-        kvalid = raw < g.Nk if keys.k1 > g.Nk else None
-        return ktT, vt, raw.clamp_max(g.Nk - 1), kvalid
+        return ktT, vt
     C, M = keys.idx.shape
     flat = keys.idx.reshape(-1)
-    kt = kp.view(B, Hk, g.Tk, g.bk, -1).index_select(2, flat).view(B, Hk, C, M * g.bk, -1)
-    vt = vp.view(B, Hk, g.Tk, g.bk, -1).index_select(2, flat).view(B, Hk, C, M * g.bk, -1)
-    raw = (keys.idx.unsqueeze(-1) * g.bk + torch.arange(g.bk, device=dev)).view(C, M * g.bk)
-    kvalid = (raw < g.Nk) & keys.slot_ok.repeat_interleave(g.bk, dim=1)
-    return kt.transpose(-1, -2), vt, raw.clamp_max(g.Nk - 1), kvalid
+    if ws is not None:
+        kt = torch.index_select(kp.view(B, Hk, g.Tk, g.bk, -1), 2, flat,
+                                out=ws.take("k", (B, Hk, C * M, g.bk, kp.shape[-1])))
+        vt = torch.index_select(vp.view(B, Hk, g.Tk, g.bk, -1), 2, flat,
+                                out=ws.take("v", (B, Hk, C * M, g.bk, vp.shape[-1])))
+        kt, vt = kt.view(B, Hk, C, M * g.bk, -1), vt.view(B, Hk, C, M * g.bk, -1)
+    else:
+        kt = kp.view(B, Hk, g.Tk, g.bk, -1).index_select(2, flat).view(B, Hk, C, M * g.bk, -1)
+        vt = vp.view(B, Hk, g.Tk, g.bk, -1).index_select(2, flat).view(B, Hk, C, M * g.bk, -1)
+    return kt.transpose(-1, -2), vt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,12 +236,22 @@ def keep_scale(g: Geometry, pos, shape) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_group(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT=None):
+def forward_group(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT=None, *, shift_free=False, band_cache=None,
+                  ws: Workspace | None = None):
     """Output (B, Hk, C, G*bq, Dv) and log-sum-exp (B, Hk, C, G*bq) for query blocks t0..t1-1.
 
     Rows with no allowed key get output 0 and lse = +inf (so backward's exp(s - lse) = 0).
+    shift_free: the caller guarantees |score| <= SHIFT_FREE_BOUND (no bias parts), so
+    p = exp(s) is used directly (see SHIFT_FREE_BOUND). band_cache: a dict when the mask is
+    translation-invariant (``translation_invariant``), reused across groups of one call.
+    ws: scratch buffers reused across groups (shift-free path).
     """
-    B, Hk, C, R, _ = qt.shape
+    if shift_free:
+        l_, acc = _shift_free(g, qt, kp, vp, t0, t1, items, kT, band_cache, ws)
+        empty = l_ == 0
+        out = acc.div_(torch.where(empty, torch.ones_like(l_), l_).unsqueeze(-1))
+        lse = torch.where(empty, torch.full_like(l_, float("inf")), torch.log(l_))
+        return out, lse
     if len(items) == 1:  # every key of these rows in one item: a plain softmax, no running state
         ktT, vt, kpos, kvalid = item_keys(g, kp, vp, items[0], kT)
         pos = positions(g, t0, t1, kpos, qt.device)
@@ -204,6 +270,85 @@ def forward_group(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT=None):
     m_safe = torch.where(m == NEG_INF, torch.zeros_like(m), m)
     lse = torch.where(empty, torch.full_like(l_, float("inf")), m_safe + torch.log(l_.clamp_min(1e-300)))
     return out, lse
+
+
+def _shift_free(g: Geometry, qt, kp, vp, t0, t1, items, kT, band_cache, ws):
+    """Sum l (B, Hk, C, G*bq) and unnormalised output acc (..., Dv) with p = exp(s), no max."""
+    B, Hk, C, R, _ = qt.shape
+    l_ = acc = None
+    for keys in items:
+        ktT, vt = item_kv(g, kp, vp, keys, kT, ws)
+        L = ktT.shape[-1]
+        s = ws.take("s", (B, Hk, C, R, L)) if ws is not None else None
+        s = torch.matmul(qt, ktT, out=s)  # (B, Hk, C, G*bq, L)
+        if g.softcap is not None:
+            s.div_(g.softcap).tanh_().mul_(g.softcap)
+        p = s.exp_()
+        pos = None
+        if keys.masked:
+            blocked, pos = _blocked(g, t0, t1, keys, L, band_cache, qt.device)
+            if blocked is None:
+                pass
+            elif blocked.dtype == torch.bool:
+                p.view(B, Hk, C, g.G, g.bq, L).masked_fill_(blocked, 0.0)  # (B, Hk, C, G, bq, L)
+            else:  # a cached band pattern: 0/1 multiplier (bq * L,), one contiguous row per block
+                p.view(-1, g.bq * L).mul_(blocked)  # (B * Hk * C * G, bq * L)
+        ls = p.sum(dim=-1)
+        if g.dropout_p > 0:
+            pos = pos if pos is not None else positions(g, t0, t1, item_pos(g, keys, qt.device)[0], qt.device)
+            p.mul_(keep_scale(g, pos, p.shape))
+        if acc is None:
+            acc = ws.take("acc", (B, Hk, C, R, vt.shape[-1])) if ws is not None else None
+            acc = torch.matmul(p, vt, out=acc)  # (B, Hk, C, G*bq, Dv)
+            l_ = ls
+        else:  # acc += p @ v in the GEMM itself (beta = 1), no temporary
+            acc.view(-1, R, acc.shape[-1]).baddbmm_(p.view(-1, R, L), vt.expand(B, Hk, C, L, -1).reshape(-1, L, acc.shape[-1]))
+            l_.add_(ls)
+    return l_, acc
+
+
+def translation_invariant(mask) -> bool:
+    """True when ``mask.allows`` depends only on k - q (bands and their & / | combinations)."""
+    if type(mask) is Band:
+        return True
+    return type(mask) in (And, Or) and all(translation_invariant(p) for p in mask.parts)
+
+
+def band_offset(g: Geometry, t0: int, t1: int, keys) -> int | None:
+    """First key minus first query position (key coordinates) shared by the item's blocks, when
+    the item is regular (whole blocks of real queries, only real keys), else None."""
+    if t1 * g.bq > g.Nq:
+        return None
+    if isinstance(keys, RangeKeys):
+        return keys.k0 - (t0 * g.bq + g.Nk - g.Nq) if keys.k1 <= g.Nk and t1 - t0 == 1 else None
+    return keys.offset
+
+
+def _blocked(g: Geometry, t0, t1, keys, L, band_cache, device):
+    """(blocked, pos): bool broadcasting to (B, Hk, C, G, bq, L), True where the score must be
+    dropped (mask says no, or a padding key); pos = positions() if they were built, else None.
+
+    Translation-invariant masks on regular items reuse one pattern per offset, returned instead
+    as a float 0/1 multiplier (bq * L,) (1 = keep) in the compute dtype."""
+    d = band_offset(g, t0, t1, keys) if band_cache is not None else None
+    if d is not None:
+        hit = band_cache.get((d, L))
+        if hit is None:
+            q0 = t0 * g.bq + g.Nk - g.Nq
+            b = torch.arange(g.B, device=device).view(-1, 1, 1, 1, 1, 1)
+            h = torch.arange(g.Hq, device=device).view(1, g.Hk, 1, g.G, 1, 1)
+            q = torch.arange(q0, q0 + g.bq, device=device).view(1, 1, 1, 1, g.bq, 1)
+            k = torch.arange(q0 + d, q0 + d + L, device=device).view(1, 1, 1, 1, 1, L)
+            allowed = g.mask.allows(b, h, q, k, num_keys=g.Nk)  # (1, 1, 1, 1, bq, L) for a band
+            hit = band_cache[(d, L)] = torch.broadcast_to(allowed, (1, 1, 1, 1, g.bq, L)).to(g.dtype).reshape(g.bq * L)
+        return hit, None
+    kpos, kvalid = item_pos(g, keys, device)
+    pos = positions(g, t0, t1, kpos, device)
+    allowed = kvalid.view(1, 1, kvalid.shape[0], 1, 1, L) if kvalid is not None else None
+    if g.mask is not None:
+        m = g.mask.allows(*pos, num_keys=g.Nk)
+        allowed = m if allowed is None else (m & allowed)
+    return (None if allowed is None else ~allowed), pos
 
 
 def _online(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT):
