@@ -46,7 +46,35 @@ def _check_valid(name: str, valid: torch.Tensor | None, B: int, n: int) -> None:
                          f"got {valid.dtype} {shape_str(valid)}")
 
 
-class KVCache:
+class _Buffers:
+    """Preallocated k (max_batch, Hk, slots, D), v (max_batch, Hk, slots, Dv) and valid
+    (max_batch, slots) buffers with position tracking, shared by KVCache and SlidingWindowCache."""
+
+    def _allocate(self, slots_name: str, max_batch, slots, num_kv_heads, head_dim, dtype, device, value_dim) -> None:
+        for nm, val in (("max_batch", max_batch), (slots_name, slots), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{type(self).__name__}: {nm} must be an int >= 1, got {val!r}")
+        self.max_batch, self.num_kv_heads, self.head_dim = max_batch, num_kv_heads, head_dim
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.dtype = dtype
+        self.k = torch.zeros(max_batch, num_kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(max_batch, num_kv_heads, slots, self.value_dim, dtype=dtype, device=device)
+        self.valid = torch.ones(max_batch, slots, dtype=torch.bool, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self.batch: int | None = None
+        self._padded = False
+        self.valid.fill_(True)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+
+class KVCache(_Buffers):
     """Preallocated key/value cache for one attention layer.
 
     Args: max_batch, max_len (the most tokens it will ever hold), num_kv_heads, head_dim,
@@ -60,28 +88,8 @@ class KVCache:
 
     def __init__(self, max_batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None, *, value_dim: int | None = None):
-        for nm, val in (("max_batch", max_batch), ("max_len", max_len), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"KVCache: {nm} must be an int >= 1, got {val!r}")
-        self.max_batch, self.max_len = max_batch, max_len
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
-        self.dtype = dtype
-        self.k = torch.zeros(max_batch, num_kv_heads, max_len, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(max_batch, num_kv_heads, max_len, self.value_dim, dtype=dtype, device=device)
-        self.valid = torch.ones(max_batch, max_len, dtype=torch.bool, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.length = 0
-        self.batch: int | None = None
-        self._padded = False
-        self.valid.fill_(True)
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
+        self.max_len = max_len
+        self._allocate("max_len", max_batch, max_len, num_kv_heads, head_dim, dtype, device, value_dim)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
         B, n = _check_new("KVCache", k, v, self.num_kv_heads, self.head_dim, self.value_dim, self.max_batch, self.dtype)
@@ -105,7 +113,7 @@ class KVCache:
                 f"heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype})")
 
 
-class SlidingWindowCache:
+class SlidingWindowCache(_Buffers):
     """Ring buffer of the last ``window`` keys/values, for sliding-window attention.
 
     ``update(k, v, valid=None)`` returns the cached past (at most ``window`` most recent tokens,
@@ -117,28 +125,8 @@ class SlidingWindowCache:
 
     def __init__(self, max_batch: int, window: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None, *, value_dim: int | None = None):
-        for nm, val in (("max_batch", max_batch), ("window", window), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim)):
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
-                raise ValueError(f"SlidingWindowCache: {nm} must be an int >= 1, got {val!r}")
-        self.max_batch, self.window = max_batch, window
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
-        self.dtype = dtype
-        self.k = torch.zeros(max_batch, num_kv_heads, window, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(max_batch, num_kv_heads, window, self.value_dim, dtype=dtype, device=device)
-        self.valid = torch.ones(max_batch, window, dtype=torch.bool, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.length = 0
-        self.batch: int | None = None
-        self._padded = False
-        self.valid.fill_(True)
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
+        self.window = window
+        self._allocate("window", max_batch, window, num_kv_heads, head_dim, dtype, device, value_dim)
 
     def _order(self, count: int) -> torch.Tensor:
         """Ring slots of the last ``count`` tokens, oldest first."""
