@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 
-def _status_kib(field: str) -> int | None:
+def read_status_kib(field: str, pid: str = "self") -> int | None:
+    """A 'kB' field of /proc/<pid>/status (VmRSS, VmHWM), or None if unavailable."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
@@ -17,12 +18,12 @@ def _status_kib(field: str) -> int | None:
 
 
 def rss_mib() -> float | None:
-    kib = _status_kib("VmRSS")
+    kib = read_status_kib("VmRSS")
     return None if kib is None else kib / 1024
 
 
 def peak_rss_mib() -> float | None:
-    kib = _status_kib("VmHWM")
+    kib = read_status_kib("VmHWM")
     return None if kib is None else kib / 1024
 
 

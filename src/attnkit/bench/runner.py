@@ -130,7 +130,7 @@ def _spawn(tasks: list[dict], cfg: BenchConfig, log) -> list[dict]:
 
 def _watch(proc, cfg: BenchConfig, budget: float) -> str:
     """Wait for the child; kill it above the RSS limit or the time budget; return why, or ''."""
-    from .worker import read_status_kib
+    from .._memory import read_status_kib
 
     t0 = time.monotonic()
     while proc.poll() is None:

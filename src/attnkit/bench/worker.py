@@ -20,26 +20,7 @@ import sys
 import time
 import traceback
 
-
-def read_status_kib(field: str, pid: str = "self") -> int | None:
-    """A 'kB' field of /proc/<pid>/status (VmRSS, VmHWM), or None if unavailable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from .._memory import read_status_kib, reset_peak_rss
 
 
 def matmul_rate(threads: int, n: int = 2048, repeats: int = 5) -> float:
