@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._validate import shape_str
-from .masks import _index_grid
+from .masks import _index_grid, gather_dense
 
 
 class Bias:
@@ -133,12 +133,7 @@ class TensorBias(Bias):
             )
 
     def __call__(self, b, h, q, k):
-        t = self.tensor
-        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
-        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
-        qi = q - (self.nk - self.nq) if t.shape[2] > 1 else torch.zeros_like(q)
-        ki = k if t.shape[3] > 1 else torch.zeros_like(k)
-        return t[bi, hi, qi, ki]
+        return gather_dense(self.tensor, self.nq, self.nk, b, h, q, k)
 
     def tensors(self):
         return (self.tensor,)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._validate import shape_str
-from .masks import Mask, _check_keys, _check_rows, _classify, _tile_bounds, evaluate_tiles
+from .masks import Mask, _check_keys, _check_rows, _classify, _tile_bounds, evaluate_tiles, gather_dense
 
 
 class KeyPadding(Mask):
@@ -166,12 +166,7 @@ class TensorMask(Mask):
     def allows(self, b, h, q, k, *, num_keys=None):
         if num_keys is not None and num_keys != self.nk:
             raise ValueError(f"this tensor mask is for Nk={self.nk}, asked for Nk={num_keys}")
-        t = self.tensor
-        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
-        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
-        qi = q - (self.nk - self.nq) if t.shape[2] > 1 else torch.zeros_like(q)
-        ki = k if t.shape[3] > 1 else torch.zeros_like(k)
-        return t[bi, hi, qi, ki]
+        return gather_dense(self.tensor, self.nq, self.nk, b, h, q, k)
 
     def to_dense(self, nq, nk=None, *, batch=1, heads=1, device=None):
         nk = nq if nk is None else nk

@@ -44,6 +44,16 @@ def _index_grid(batch: int, heads: int, nq: int, nk: int, device) -> tuple[torch
     return b, h, q, k
 
 
+def gather_dense(t: torch.Tensor, nq: int, nk: int, b, h, q, k) -> torch.Tensor:
+    """Read a dense (B|1, H|1, Nq|1, Nk|1) tensor at index tensors (b, h, q, k), q in key
+    coordinates (shifted back to the tensor's query rows); size-1 dims broadcast."""
+    bi = b if t.shape[0] > 1 else torch.zeros_like(b)
+    hi = h if t.shape[1] > 1 else torch.zeros_like(h)
+    qi = q - (nk - nq) if t.shape[2] > 1 else torch.zeros_like(q)
+    ki = k if t.shape[3] > 1 else torch.zeros_like(k)
+    return t[bi, hi, qi, ki]
+
+
 class Mask:
     """Base class of mask specs. Subclasses implement ``allows``; may override ``tiles``."""
 
