@@ -293,3 +293,27 @@ def test_auto_decision_table_cpu():
     assert which(return_weights=True) == "reference"
     small = make_qkv(Shape(1, 2, 2, 64, 64, 8, 8), requires_grad=False)
     assert attnkit.which_backend(*small, mask=M.sliding_window(8)) == "sdpa"
+
+
+def test_block_functions_merge_over_key_blocks_like_the_whole_attention():
+    """block_forward's (out, lse) over two disjoint key sets merge by log-sum-exp into the whole
+    attention; block_backward with the merged (out, lse) gives gradients that sum to the whole."""
+    from attnkit.backends.blockwise import block_backward, block_forward
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hk, Nq, Nk, D = 2, 4, 2, 21, 37, 8
+    q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64) for h, n in ((Hq, Nq), (Hk, Nk), (Hk, Nk)))
+    opts = BlockwiseOptions(block_q=8, block_k=8)
+    parts = [(k[:, :, :16], v[:, :, :16]), (k[:, :, 16:], v[:, :, 16:])]
+    res = [block_forward(q, kk, vv, options=opts) for kk, vv in parts]
+    lse = torch.logaddexp(res[0][1], res[1][1])  # (B, Hq, Nq)
+    out = sum(o * torch.exp(s - lse).unsqueeze(-1) for o, s in res)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attnkit.attention(qr, kr, vr, backend="reference")
+    assert_close(out, ref.detach(), backend="blockwise")
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    gq, gk, gv = torch.autograd.grad(ref, (qr, kr, vr), dout)
+    grads = [block_backward(q, kk, vv, out, lse, dout, options=opts) for kk, vv in parts]
+    assert_close(grads[0][0] + grads[1][0], gq, backend="blockwise", grad=True)
+    assert_close(torch.cat([grads[0][1], grads[1][1]], dim=2), gk, backend="blockwise", grad=True)
+    assert_close(torch.cat([grads[0][2], grads[1][2]], dim=2), gv, backend="blockwise", grad=True)

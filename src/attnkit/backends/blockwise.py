@@ -231,30 +231,83 @@ def shift_free_blocks(g: Geometry, qc: torch.Tensor, kp: torch.Tensor) -> list[b
 # ---------------------------------------------------------------------------------------------
 
 
+def forward_pass(plan: Plan, q, k, v):
+    """Run the forward of ``plan``: out (B, Hq, Nq, Dv) in the compute dtype and the log-sum-exp
+    in the tile layout (B, Hk, Tq, G*bq) (+inf on rows with no allowed key). No autograd."""
+    g = plan.geom
+    qc = q.to(g.dtype)
+    kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
+    out = torch.empty(g.B, g.Hq, g.Nq, plan.Dv, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, Dv)
+    lse = torch.full((g.B, g.Hk, g.Tq, g.G * g.bq), float("inf"), dtype=g.dtype, device=q.device)
+    kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
+    shift_free = shift_free_blocks(g, qc, kp)
+    band_cache = {} if translation_invariant(g.mask) else None
+    ws = Workspace(g.dtype, q.device)
+    for t0, t1, items in plan.groups:
+        if items:
+            rows = rows_of(qc, g, t0, t1)  # (B, Hk, C, G*bq, D)
+            qt = torch.mul(rows, g.scale, out=ws.take("q", rows.shape))
+            o, s = forward_group(g, qt, kp, vp, t0, t1, items, plan.Dv, kT,
+                                 shift_free=all(shift_free[t0:t1]), band_cache=band_cache, ws=ws)
+            put_rows(out, o, g, t0, t1)
+            lse[:, :, t0:t1] = s
+        else:  # no key tile at all: zeros (lse stays +inf)
+            out[:, :, t0 * g.bq:t1 * g.bq] = 0
+    return out, lse
+
+
+def backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad: bool = True):
+    """Gradients of ``plan``'s attention given the (possibly global, e.g. merged over a ring)
+    output ``out`` (B, Hq, Nq, Dv) and log-sum-exp ``lse`` in tile layout (B, Hk, Tq, G*bq).
+
+    Returns (dq, dk, dv) in the compute dtype and the bias tensors' gradients as a flat list in
+    ``bias.tensors()`` order (None where a tensor needs none). No autograd."""
+    g = plan.geom
+    qc, doc = q.to(g.dtype), dout.to(g.dtype)
+    kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
+    dq = torch.zeros(q.shape, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
+    dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
+    kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
+    bias_grads = {}
+    for i, part in enumerate(g.bias_parts):
+        ts = part.tensors()
+        if bias_needs_grad and any(t.requires_grad for t in ts):
+            bias_grads[i] = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, g.dtype)) for t in ts]
+    with torch.no_grad():
+        for t0, t1, items in plan.groups:
+            if items:
+                dot = rows_of(doc, g, t0, t1)  # (B, Hk, C, G*bq, Dv)
+                delta = (dot * rows_of(out.to(g.dtype), g, t0, t1)).sum(dim=-1)  # (B, Hk, C, G*bq)
+                dqt = backward_group(g, rows_of(qc, g, t0, t1) * g.scale, kp, vp, dot, lse[:, :, t0:t1], delta,
+                                     t0, t1, items, dkp, dvp, bias_grads, kT)
+                put_rows(dq, dqt.mul_(g.scale), g, t0, t1)
+    flat = []
+    for i, part in enumerate(g.bias_parts):
+        for j, t in enumerate(part.tensors()):
+            flat.append(bias_grads[i][j].to(t.dtype) if i in bias_grads and t.requires_grad else None)
+    return dq, dkp[:, :, :g.Nk], dvp[:, :, :g.Nk], flat
+
+
+def lse_to_rows(lse: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """Tile-layout log-sum-exp (B, Hk, Tq, G*bq) -> (B, Hq, Nq)."""
+    out = torch.empty(g.B, g.Hq, g.Nq, 1, dtype=lse.dtype, device=lse.device)
+    put_rows(out, lse.unsqueeze(-1), g, 0, g.Tq)
+    return out.squeeze(-1)
+
+
+def lse_to_tiles(lse: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """(B, Hq, Nq) log-sum-exp -> tile layout (B, Hk, Tq, G*bq); padding rows get +inf."""
+    lse = F.pad(lse, (0, g.Tq * g.bq - g.Nq), value=float("inf"))  # (B, Hq, Tq*bq)
+    lse = lse.view(g.B, g.Hk, g.G, g.Tq, g.bq).permute(0, 1, 3, 2, 4)  # (B, Hk, Tq, G, bq)
+    return lse.reshape(g.B, g.Hk, g.Tq, g.G * g.bq)
+
+
 class _Blockwise(torch.autograd.Function):
     """Saves q, k, v (inputs), the output and the log-sum-exp; everything else is recomputed."""
 
     @staticmethod
     def forward(ctx, plan: Plan, q, k, v, *bias_tensors):
-        g = plan.geom
-        qc = q.to(g.dtype)
-        kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
-        out = torch.empty(g.B, g.Hq, g.Nq, plan.Dv, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, Dv)
-        lse = torch.full((g.B, g.Hk, g.Tq, g.G * g.bq), float("inf"), dtype=g.dtype, device=q.device)
-        kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
-        shift_free = shift_free_blocks(g, qc, kp)
-        band_cache = {} if translation_invariant(g.mask) else None
-        ws = Workspace(g.dtype, q.device)
-        for t0, t1, items in plan.groups:
-            if items:
-                rows = rows_of(qc, g, t0, t1)  # (B, Hk, C, G*bq, D)
-                qt = torch.mul(rows, g.scale, out=ws.take("q", rows.shape))
-                o, s = forward_group(g, qt, kp, vp, t0, t1, items, plan.Dv, kT,
-                                     shift_free=all(shift_free[t0:t1]), band_cache=band_cache, ws=ws)
-                put_rows(out, o, g, t0, t1)
-                lse[:, :, t0:t1] = s
-            else:  # no key tile at all: zeros (lse stays +inf)
-                out[:, :, t0 * g.bq:t1 * g.bq] = 0
+        out, lse = forward_pass(plan, q, k, v)
         ctx.plan = plan
         result = out.to(q.dtype)
         # Save the returned tensor when it has the compute dtype (autograd then guards it against
@@ -265,35 +318,9 @@ class _Blockwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        plan: Plan = ctx.plan
-        g = plan.geom
         q, k, v, out, lse = ctx.saved_tensors
-        qc, doc = q.to(g.dtype), dout.to(g.dtype)
-        kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
-        dq = torch.zeros(q.shape, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
-        dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
-        kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
-        bias_grads = {}
-        for i, part in enumerate(g.bias_parts):
-            ts = part.tensors()
-            if any(t.requires_grad for t in ts):
-                bias_grads[i] = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, g.dtype)) for t in ts]
-        with torch.no_grad():
-            for t0, t1, items in plan.groups:
-                if items:
-                    dot = rows_of(doc, g, t0, t1)  # (B, Hk, C, G*bq, Dv)
-                    delta = (dot * rows_of(out, g, t0, t1)).sum(dim=-1)  # (B, Hk, C, G*bq)
-                    dqt = backward_group(g, rows_of(qc, g, t0, t1) * g.scale, kp, vp, dot, lse[:, :, t0:t1], delta,
-                                         t0, t1, items, dkp, dvp, bias_grads, kT)
-                    put_rows(dq, dqt.mul_(g.scale), g, t0, t1)
-        dk = dkp[:, :, :g.Nk].to(k.dtype)
-        dv = dvp[:, :, :g.Nk].to(v.dtype)
-        # Gradients of the bias tensors, in the order the call listed them (see run()).
-        flat = []
-        for i, part in enumerate(g.bias_parts):
-            for j, t in enumerate(part.tensors()):
-                flat.append(bias_grads[i][j].to(t.dtype) if i in bias_grads and t.requires_grad else None)
-        return (None, dq.to(q.dtype), dk, dv, *flat)
+        dq, dk, dv, flat = backward_pass(ctx.plan, q, k, v, out, lse, dout)
+        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *flat)
 
 
 def _bias_tensor_list(parts) -> list[torch.Tensor]:
@@ -316,6 +343,43 @@ def blockwise_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=No
     if reasons:
         raise ValueError("blockwise_attention cannot run this call: " + "; ".join(reasons))
     return backend.run(call)
+
+
+def _block_plan(q, k, v, mask, bias, scale, softcap, options):
+    from ..functional import make_call
+
+    call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
+    return make_plan(call, options or BlockwiseOptions())
+
+
+def block_forward(q, k, v, *, mask=None, bias=None, scale=None, softcap=None,
+                  options: BlockwiseOptions | None = None):
+    """One block of exact attention with its log-sum-exp, for merging partial results.
+
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> (out (B, Hq, Nq, Dv) in q's dtype,
+    lse (B, Hq, Nq) in the compute dtype; +inf on rows with no allowed key, whose out is 0).
+    Partial results over disjoint key sets merge exactly with a log-sum-exp:
+    lse = logaddexp(lse1, lse2), out = out1 exp(lse1 - lse) + out2 exp(lse2 - lse).
+    No dropout (its hash is indexed by local positions). No autograd: see ``block_backward``.
+    """
+    plan = _block_plan(q, k, v, mask, bias, scale, softcap, options)
+    with torch.no_grad():
+        out, lse = forward_pass(plan, q, k, v)
+    return out.to(q.dtype), lse_to_rows(lse, plan.geom)
+
+
+def block_backward(q, k, v, out, lse, dout, *, mask=None, bias=None, scale=None, softcap=None,
+                   options: BlockwiseOptions | None = None):
+    """Gradients of one block given the final (merged) ``out`` (B, Hq, Nq, Dv) and ``lse``
+    (B, Hq, Nq) of the whole attention (FlashAttention-2 backward with an external lse).
+
+    Returns (dq (B, Hq, Nq, D), dk (B, Hk, Nk, D), dv (B, Hk, Nk, Dv), bias_grads) in the
+    compute dtype; bias_grads lists one gradient (or None) per tensor of ``bias.tensors()``.
+    Summing a query's dq over all its key blocks (and a key's dk, dv over all query blocks)
+    gives the gradients of the whole attention.
+    """
+    plan = _block_plan(q, k, v, mask, bias, scale, softcap, options)
+    return backward_pass(plan, q, k, v, out, lse_to_tiles(lse.to(plan.geom.dtype), plan.geom), dout)
 
 
 class BlockwiseBackend(Backend):
