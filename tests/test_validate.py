@@ -83,7 +83,7 @@ def test_qkv_errors(args, exc, match):
     ({"dropout_p": 0.1, "dropout_seed": 1.5}, TypeError, "dropout_seed must be an int or None, got float"),
     # backends
     ({"backend": "nope"}, ValueError, r"backend must be 'auto' or one of \[.*'reference'.*'sdpa'.*\], got 'nope'"),
-    ({"backend": "sdpa", "softcap": 2.0}, NoBackendError, "backend 'sdpa' cannot run this call: sdpa has no softcap"),
+    ({"backend": "sdpa", "softcap": 2.0}, NoBackendError, r"backend 'sdpa' cannot run this call \(q \(2, 4, 3, 6\), .*\): sdpa has no softcap"),
     ({"backend": "sdpa", "return_weights": True}, NoBackendError, "sdpa does not return attention weights"),
     ({"backend": "sdpa", "mask": M.key_padding(torch.tensor([5, 0]))}, NoBackendError, "fully masked query rows"),
 ])
@@ -102,11 +102,11 @@ def test_no_backend_fits_lists_every_backend(monkeypatch):
     # Every backend but sdpa refuses for this test; sdpa refuses softcap by itself.
     for name, backend in BACKENDS.items():
         if name != "sdpa":
-            monkeypatch.setattr(backend, "not_supported_reasons", lambda call, name=name: [f"{name} refused for this test"])
+            monkeypatch.setattr(backend, "static_reasons", lambda call, name=name: [f"{name} refused for this test"])
     with pytest.raises(NoBackendError) as info:
         attnkit.attention(*qkv(), softcap=2.0)
     msg = str(info.value)
-    assert msg.startswith("no backend can run this call")
+    assert msg.startswith("no backend can run this call (q (2, 4, 3, 6), k (2, 2, 5, 6), v (2, 2, 5, 7), torch.float64")
     assert "  - sdpa: sdpa has no softcap" in msg
     for name in BACKENDS:
         assert f"  - {name}: " in msg

@@ -5,35 +5,45 @@ with no allowed key gives zeros (never NaN); default scale 1/sqrt(D).
 
 - exact softmax attention: ``attention`` with ``masks`` / ``biases`` specs and backends
 - positions: ``positions`` (RoPE, ALiBi, T5, Shaw, Transformer-XL, absolute)
-- other families: ``additive_attention``, ``linear_attention``, ``performer_attention``,
-  ``linformer_attention``, ``nystrom_attention``, ``lsh_attention``
-- modules and models: ``MultiHeadAttention``, ``nn`` (specs, caches), ``models``
+- other families (``variants``): ``additive_attention``, ``linear_attention``,
+  ``performer_attention``, ``linformer_attention``, ``nystrom_attention``, ``lsh_attention``
+- modules and models: ``MultiHeadAttention``, ``nn`` (position specs, family modules),
+  ``caches``, ``models``
 """
 
-from . import biases, feature_maps, masks, models, nn, positions
-from .additive import AdditiveAttention, additive_attention
+from . import biases, caches, masks, models, nn, positions, variants
 from .dispatch import NoBackendError
 from .functional import attention, which_backend
-from .linear import LinearAttention, LinearState, linear_attention, linear_attention_step
-from .linformer import linformer_attention
-from .lsh import lsh_attention, shared_qk_attention
-from .nn import MultiHeadAttention
-from .nystrom import nystrom_attention
-from .performer import (
-    FavorConfig,
+from .nn import (
+    AdditiveAttention,
+    LinearAttention,
+    LinformerAttention,
+    LSHSelfAttention,
+    MultiHeadAttention,
+    NystromAttention,
     PerformerAttention,
+)
+from .variants import (
+    LinearState,
     PerformerState,
+    additive_attention,
+    linear_attention,
+    linear_attention_step,
+    linformer_attention,
+    lsh_attention,
+    nystrom_attention,
     performer_attention,
     performer_attention_step,
+    shared_qk_attention,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "which_backend", "masks", "biases", "positions", "feature_maps", "NoBackendError",
-    "additive_attention", "AdditiveAttention",
-    "linear_attention", "linear_attention_step", "LinearAttention", "LinearState",
-    "performer_attention", "performer_attention_step", "PerformerAttention", "FavorConfig", "PerformerState",
+    "attention", "which_backend", "masks", "biases", "positions", "variants", "caches", "NoBackendError",
+    "additive_attention", "linear_attention", "linear_attention_step", "LinearState",
+    "performer_attention", "performer_attention_step", "PerformerState",
     "linformer_attention", "nystrom_attention", "lsh_attention", "shared_qk_attention",
-    "MultiHeadAttention", "nn", "models", "__version__",
+    "MultiHeadAttention", "AdditiveAttention", "LinearAttention", "PerformerAttention", "LinformerAttention",
+    "NystromAttention", "LSHSelfAttention", "nn", "models", "__version__",
 ]

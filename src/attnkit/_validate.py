@@ -88,6 +88,12 @@ def check_seed(seed: int | None) -> int | None:
     return int(seed)
 
 
+def check_bool(name: str, x) -> bool:
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be True or False, got {x!r}")
+    return x
+
+
 def check_softcap(c: float | None) -> float | None:
     if c is None:
         return None

@@ -16,17 +16,25 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._validate import shape_str
-from .masks import _index_grid, gather_dense
+from ._validate import check_broadcastable, shape_str
+from .masks import gather_dense, index_grid
 
 
 class Bias:
+    """Base class of bias specs: ``bias(b, h, q, k)`` -> float tensor of the indices' broadcast shape."""
+
+    dense_tensor: torch.Tensor | None = None  # the tensor of a wrapped float tensor (TensorBias)
+
     def __call__(self, b, h, q, k) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Tensors the bias reads that may require grad (for per-tile backward passes)."""
         return ()
+
+    def terms(self) -> tuple[Bias, ...]:
+        """The specs whose sum this is (itself for anything but a sum)."""
+        return (self,)
 
     def check(self, nq: int, nk: int, *, batch: int = 1, heads: int = 1) -> None:
         """Raise a ValueError if this spec cannot describe a (batch, heads, Nq, Nk) input."""
@@ -39,7 +47,7 @@ class Bias:
                  device=None, dtype=torch.float32) -> torch.Tensor:
         """Float tensor broadcastable to (batch, heads, Nq, Nk) (ignored dims stay size 1)."""
         nk = nq if nk is None else nk
-        b, h, q, k = _index_grid(batch, heads, nq, nk, device or self.device)
+        b, h, q, k = index_grid(batch, heads, nq, nk, device or self.device)
         out = self(b, h, q, k)
         while out.dim() < 4:
             out = out.unsqueeze(0)
@@ -67,6 +75,9 @@ class SumBias(Bias):
 
     def tensors(self):
         return tuple(t for p in self.parts for t in p.tensors())
+
+    def terms(self):
+        return tuple(t for p in self.parts for t in p.terms())
 
     def check(self, nq, nk, *, batch=1, heads=1):
         for p in self.parts:
@@ -124,6 +135,10 @@ class TensorBias(Bias):
             tensor = tensor.unsqueeze(0)
         self.tensor, self.nq, self.nk = tensor, nq, nk
 
+    @property
+    def dense_tensor(self) -> torch.Tensor:
+        return self.tensor
+
     def check(self, nq, nk, *, batch=1, heads=1):
         want = (batch, heads, nq, nk)
         if any(g not in (1, w) for g, w in zip(self.tensor.shape, want)) or (nq, nk) != (self.nq, self.nk):
@@ -149,4 +164,22 @@ class TensorBias(Bias):
         return f"tensor_bias{tuple(self.tensor.shape)}"
 
 
-__all__ = ["Bias", "from_function", "SumBias", "TensorBias"]
+def as_bias(bias, *, batch: int, heads: int, nq: int, nk: int, device=None, name: str = "bias") -> Bias | None:
+    """The one normaliser of a ``bias=`` argument: None, a spec, or a float tensor broadcastable
+    to (B, H, Nq, Nk), returned as a spec checked against these sizes."""
+    if bias is None:
+        return None
+    if isinstance(bias, Bias):
+        bias.check(nq, nk, batch=batch, heads=heads)
+        return bias
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name} must be None, a float tensor or an attnkit.biases spec, got {type(bias).__name__}")
+    if not bias.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {bias.dtype}; pass bool masks as mask=")
+    if device is not None and bias.device != torch.device(device):
+        raise ValueError(f"{name} is on {bias.device} but q is on {device}; move it with .to(q.device)")
+    check_broadcastable(name, bias, (batch, heads, nq, nk), "(B, Hq, Nq, Nk)")
+    return TensorBias(bias, nq, nk)
+
+
+__all__ = ["Bias", "from_function", "SumBias", "TensorBias", "FunctionBias", "as_bias"]

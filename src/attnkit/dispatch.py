@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import logging
 
+from ._call import AttentionCall
 from .backends import BACKENDS
-from .backends.base import AttentionCall
-from .biases import TensorBias
 
 log = logging.getLogger("attnkit")
 
 
 class NoBackendError(RuntimeError):
-    """No backend can run this call; the message lists each backend's reasons."""
+    """No backend can run this call; the message names the call and lists each backend's reasons."""
 
 
 SMALL_ELEMENTS = 1 << 20
@@ -52,13 +51,8 @@ SMALL_ELEMENTS = 1 << 20
 
 def _is_plain(call: AttentionCall) -> bool:
     """No mask, or the causal band with Nq == Nk (sdpa's is_causal), or dense tensors."""
-    from .masks import Band, TensorMask
-
-    B, Hq, Hk, Nq, Nk, D = call.shape
-    m = call.mask
-    mask_plain = (m is None or isinstance(m, TensorMask)
-                  or (isinstance(m, Band) and m.lo is None and m.hi == 0 and Nq == Nk))
-    bias_plain = call.bias is None or isinstance(call.bias, TensorBias)
+    mask_plain = call.mask is None or call.mask_tensor is not None or call.plain_causal
+    bias_plain = call.bias is None or call.bias_tensor is not None
     return mask_plain and bias_plain
 
 
@@ -81,23 +75,27 @@ def auto_order(call: AttentionCall) -> list[str]:
 
 
 def choose(call: AttentionCall, backend: str) -> str:
+    """The backend that runs ``call``: ``backend`` itself, or auto's first that fits.
+
+    Static reasons (flags, sizes) are asked of every candidate first; data reasons (which may
+    materialise the mask) only of the one about to be picked.
+    """
     if backend != "auto":
-        if backend not in BACKENDS:
+        if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
         reasons = BACKENDS[backend].not_supported_reasons(call)
         if reasons:
-            raise NoBackendError(f"backend {backend!r} cannot run this call: " + "; ".join(reasons))
+            raise NoBackendError(f"backend {backend!r} cannot run this call ({call.describe()}): " + "; ".join(reasons))
         return backend
     tried = {}
     for name in auto_order(call):
         reasons = BACKENDS[name].not_supported_reasons(call)
         if not reasons:
-            log.debug("attnkit.attention: backend %s (auto)%s", name,
-                      f"; skipped {tried}" if tried else "")
+            log.debug("attnkit.attention: backend %s (auto)%s", name, f"; skipped {tried}" if tried else "")
             return name
         tried[name] = reasons
     for name in BACKENDS:
         if name not in tried:
-            tried[name] = BACKENDS[name].not_supported_reasons(call) or ["not in auto's order for this call"]
+            tried[name] = BACKENDS[name].static_reasons(call) or ["not in auto's order for this call"]
     lines = "\n".join(f"  - {n}: " + "; ".join(r) for n, r in tried.items())
-    raise NoBackendError(f"no backend can run this call:\n{lines}")
+    raise NoBackendError(f"no backend can run this call ({call.describe()}):\n{lines}")

@@ -8,68 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as V
+from ._call import make_call
 from .backends import BACKENDS
-from .backends.base import AttentionCall
-from .biases import Bias, TensorBias
 from .dispatch import choose
-from .masks import Mask, TensorMask
-
-
-def _wrap_mask(mask, target, nq, nk, q) -> Mask | None:
-    if mask is None:
-        return None
-    if isinstance(mask, Mask):
-        mask.check(nq, nk, batch=target[0], heads=target[1])  # data (lengths, ids, layouts) must fit
-        return mask
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be None, a bool tensor or an attnkit.masks spec, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(
-            f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}; "
-            "pass float additive terms as bias="
-        )
-    V.check_device("mask", mask, q)
-    V.check_broadcastable("mask", mask, target, "(B, Hq, Nq, Nk)")
-    return TensorMask(mask, nq, nk)
-
-
-def _wrap_bias(bias, target, nq, nk, q) -> Bias | None:
-    if bias is None:
-        return None
-    if isinstance(bias, Bias):
-        bias.check(nq, nk, batch=target[0], heads=target[1])
-        return bias
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be None, a float tensor or an attnkit.biases spec, got {type(bias).__name__}")
-    if not bias.is_floating_point():
-        raise TypeError(f"bias must be a floating-point tensor, got dtype {bias.dtype}; pass bool masks as mask=")
-    V.check_device("bias", bias, q)
-    V.check_broadcastable("bias", bias, target, "(B, Hq, Nq, Nk)")
-    return TensorBias(bias, nq, nk)
-
-
-def make_call(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, dropout_p=0.0,
-              dropout_seed=None, return_weights=False) -> AttentionCall:
-    """Validate arguments and build the AttentionCall every backend receives."""
-    V.check_qkv(q, k, v)
-    B, Hq, Nq, D = q.shape
-    Nk = k.shape[2]
-    target = (B, Hq, Nq, Nk)
-    dropout_p = V.check_dropout(dropout_p)
-    dropout_seed = V.check_seed(dropout_seed)
-    if dropout_p > 0 and dropout_seed is None:
-        dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    return AttentionCall(
-        q=q, k=k, v=v,
-        mask=_wrap_mask(mask, target, Nq, Nk, q),
-        bias=_wrap_bias(bias, target, Nq, Nk, q),
-        scale=V.check_scale(scale, D),
-        softcap=V.check_softcap(softcap),
-        dropout_p=dropout_p,
-        dropout_seed=dropout_seed,
-        return_weights=bool(return_weights),
-    )
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, bias=None,

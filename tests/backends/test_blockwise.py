@@ -24,7 +24,6 @@ from attnkit.backends.blockwise import (
     make_plan,
     shift_free_blocks,
 )
-from attnkit.backends.blockwise_tiles import translation_invariant
 from attnkit.functional import make_call
 from tests.strategies import Shape, bool_masks, make_qkv, mask_specs, shapes
 from tests.tolerances import assert_close
@@ -205,7 +204,7 @@ def test_bands_shift_free_and_max_paths(data):
     with the running-max softmax (inputs scaled so that the score bound exceeds it)."""
     shape = data.draw(shapes(max_len=40))
     mask = data.draw(band_masks(shape))
-    assert translation_invariant(mask)
+    assert mask.translation_invariant
     opts = data.draw(options())
     big = data.draw(st.booleans())
     q, k, v = make_qkv(shape, seed=data.draw(st.integers(0, 99)), scale=8.0 if big else 1.0)

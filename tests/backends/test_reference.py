@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit import masks as M
-from attnkit.backends.reference import compute_dtype, expand_kv, safe_softmax
+from attnkit._numerics import compute_dtype, expand_kv, safe_softmax
 from tests.strategies import Shape, bool_masks, make_qkv, mask_specs, shapes
 from tests.tolerances import tol
 

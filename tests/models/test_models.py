@@ -31,7 +31,6 @@ from attnkit.nn import (
     SlidingWindowCache,
     Softmax,
 )
-from attnkit.nn.specs import mask_is_causal
 
 F64 = torch.float64
 
@@ -144,7 +143,7 @@ def test_encoder_heads_and_padding():
 def test_config_per_layer_choice_and_errors():
     cfg = TransformerConfig(vocab_size=5, num_layers=3, layers=_window_with_globals)
     assert cfg.layer(0).attention.mask is not None and cfg.layer(1).attention == Softmax()
-    assert mask_is_causal(cfg.decoder_layer(1).attention.mask) and not mask_is_causal(cfg.layer(1).attention.mask)
+    assert cfg.decoder_layer(1).attention.causal and not cfg.layer(1).attention.causal
     assert repr(cfg.decoder_layer(0).attention.mask) == "sliding_window(3, 0)"  # already causal: not wrapped
     with pytest.raises(ValueError, match="num_layers=3"):
         TransformerConfig(vocab_size=5, num_layers=3, layers=(LayerSpec(), LayerSpec()))

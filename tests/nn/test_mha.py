@@ -173,7 +173,7 @@ def test_gqa_self_and_cross_equal_the_formula(hk):
 def _heads(m, x):
     B, N, _ = x.shape
     q = m.q_proj(x).view(B, N, m.num_heads, m.head_dim).transpose(1, 2)
-    k = m.k_proj(x).view(B, N, m.num_kv_heads, m.head_dim).transpose(1, 2)
+    k = q if m.k_proj is None else m.k_proj(x).view(B, N, m.num_kv_heads, m.head_dim).transpose(1, 2)
     v = m.v_proj(x).view(B, N, m.num_kv_heads, m.head_dim).transpose(1, 2)
     return q, k, v
 
@@ -185,8 +185,8 @@ def _merge(m, out):
 
 def _direct(name, m, x, pad):
     """The variant's own function on the module's projections (what MHA must compute)."""
-    from attnkit import additive, linear, linformer, lsh, nystrom, performer
     from attnkit.positions import ALiBi, shaw_attention, xl_attention
+    from attnkit.variants import additive, linear, linformer, lsh, nystrom, performer
 
     q, k, v = _heads(m, x)
     kp = M.key_padding_from_bool(pad)
@@ -195,11 +195,11 @@ def _direct(name, m, x, pad):
     if name == "performer":
         return _merge(m, performer.performer_attention(q, k, v, projection=m.core.projection, mask=kp))
     if name == "linformer":
-        return _merge(m, linformer.linformer_attention(q, k, v, m.core.proj.e, m.core.proj.f, key_padding=kp))
+        return _merge(m, linformer.linformer_attention(q, k, v, m.core.e, m.core.f, mask=kp))
     if name == "nystrom":
-        return _merge(m, nystrom.nystrom_attention(q, k, v, num_landmarks=3, key_padding=kp, query_padding=kp))
+        return _merge(m, nystrom.nystrom_attention(q, k, v, num_landmarks=3, mask=kp, query_valid=~pad))
     if name == "lsh":
-        return _merge(m, lsh.lsh_attention(q, v, n_hashes=2, bucket_size=4, key_padding=kp, seed=0))
+        return _merge(m, lsh.lsh_attention(q, v, n_hashes=2, bucket_size=4, mask=kp, seed=0))
     if name == "additive":
         c = m.core
         return _merge(m, additive.additive_attention(q, k, v, c.w_q, c.w_k, c.v_a, bias=c.b, mask=kp))
@@ -214,9 +214,9 @@ def _direct(name, m, x, pad):
         q, k = m.pos.rope.apply(q, k)
         return _merge(m, attnkit.attention(q, k, v, mask=kp))
     if name == "shaw":
-        return _merge(m, shaw_attention(q, k, v, m.pos.shaw.rel_k, m.pos.shaw.rel_v, mask=kp))
+        return _merge(m, shaw_attention(q, k, v, m.pos.kernel.rel_k, m.pos.kernel.rel_v, mask=kp))
     if name == "xl":
-        xl = m.pos.xl
+        xl = m.pos.kernel
         r = xl.relative_keys(q.shape[2], k.shape[2])
         return _merge(m, xl_attention(q, k, v, r, r_w_bias=xl.r_w_bias, r_r_bias=xl.r_r_bias, mask=kp & M.causal()))
     raise AssertionError(name)

@@ -41,9 +41,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..biases import TensorBias
-from ..masks import EMPTY, FULL, PARTIAL
-from .base import AttentionCall, Backend
+from .._call import AttentionCall, make_call
+from .._numerics import compute_dtype
+from ..masks import EMPTY, PARTIAL, TileMap
+from .base import Backend
 from .blockwise_tiles import (
     SHIFT_FREE_BOUND,
     GatherKeys,
@@ -53,9 +54,7 @@ from .blockwise_tiles import (
     backward_group,
     flatten_bias,
     forward_group,
-    translation_invariant,
 )
-from .reference import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -94,20 +93,8 @@ class Plan:
 def tile_status(call: AttentionCall, bq: int, bk: int) -> torch.Tensor:
     """(Tq, Tk) int8 EMPTY/PARTIAL/FULL, reduced over batch and heads; key padding is PARTIAL."""
     B, Hq, Hk, Nq, Nk, D = call.shape
-    Tq, Tk = -(-Nq // bq), -(-Nk // bk)
-    dev = call.q.device
-    if call.mask is None:
-        st = torch.full((Tq, Tk), FULL, dtype=torch.int8, device=dev)
-    else:
-        tm = call.mask.tiles(Nq, Nk, bq, bk, batch=B, heads=Hq, device=dev).to(dev)
-        if tm.dim() != 4 or tuple(tm.shape[2:]) != (Tq, Tk):
-            raise ValueError(f"{call.mask!r}.tiles() returned shape {tuple(tm.shape)}, expected (B', H', {Tq}, {Tk})")
-        lo, hi = tm.amin(dim=(0, 1)), tm.amax(dim=(0, 1))
-        st = torch.where(lo == FULL, FULL, torch.where(hi == EMPTY, EMPTY, PARTIAL)).to(torch.int8)
-    if Nk % bk:
-        last = st[:, -1]
-        st[:, -1] = torch.where(last == FULL, torch.full_like(last, PARTIAL), last)
-    return st
+    return TileMap(call.mask, batch=B, heads=Hq, nq=Nq, nk=Nk, block_q=bq, block_k=bk, device=call.q.device,
+                   pad_keys=True).status
 
 
 def _stream_groups(st: torch.Tensor, bk: int, run_tiles: int) -> tuple:
@@ -241,7 +228,7 @@ def forward_pass(plan: Plan, q, k, v):
     lse = torch.full((g.B, g.Hk, g.Tq, g.G * g.bq), float("inf"), dtype=g.dtype, device=q.device)
     kT = kp.transpose(-1, -2).contiguous() if plan.schedule == "stream" else None  # (B, Hk, D, Tk*bk)
     shift_free = shift_free_blocks(g, qc, kp)
-    band_cache = {} if translation_invariant(g.mask) else None
+    band_cache = {} if g.mask is not None and g.mask.translation_invariant else None
     ws = Workspace(g.dtype, q.device)
     for t0, t1, items in plan.groups:
         if items:
@@ -334,8 +321,6 @@ def blockwise_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=No
     q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) -> (B, Hq, Nq, Dv). Memory
     O(B * H * N * D + tile) in forward and backward; time proportional to the non-empty tiles.
     """
-    from ..functional import make_call
-
     call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, dropout_p=dropout_p,
                      dropout_seed=dropout_seed)
     backend = BlockwiseBackend(options or BlockwiseOptions())
@@ -346,8 +331,6 @@ def blockwise_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=No
 
 
 def _block_plan(q, k, v, mask, bias, scale, softcap, options):
-    from ..functional import make_call
-
     call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
     return make_plan(call, options or BlockwiseOptions())
 
@@ -388,13 +371,13 @@ class BlockwiseBackend(Backend):
     def __init__(self, options: BlockwiseOptions | None = None):
         self.options = options or BlockwiseOptions()
 
-    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+    def static_reasons(self, call: AttentionCall) -> list[str]:
         reasons = []
         if call.return_weights:
             reasons.append("blockwise never materialises the (Nq, Nk) weights; use backend='reference'")
         for p in flatten_bias(call.bias):
-            if isinstance(p, TensorBias) and p.tensor.device != call.q.device:
-                reasons.append(f"bias tensor is on {p.tensor.device}, q on {call.q.device}")
+            if p.dense_tensor is not None and p.dense_tensor.device != call.q.device:
+                reasons.append(f"bias tensor is on {p.dense_tensor.device}, q on {call.q.device}")
         return reasons
 
     def run(self, call: AttentionCall):

@@ -27,10 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from .._hash import dropout_keep
-from ..biases import Bias, SumBias, TensorBias
-from ..masks import And, Band, Or
-
-NEG_INF = float("-inf")
+from .._numerics import NEG_INF
+from ..biases import Bias, TensorBias
 
 # Shift-free softmax: when |score| <= SHIFT_FREE_BOUND is guaranteed (Cauchy-Schwarz bound on
 # scale * |q| * |k|, or the softcap), p = exp(s) needs no running max: it neither overflows
@@ -89,11 +87,7 @@ class Geometry:
 
 
 def flatten_bias(bias: Bias | None) -> tuple:
-    if bias is None:
-        return ()
-    if isinstance(bias, SumBias):
-        return tuple(p for part in bias.parts for p in flatten_bias(part))
-    return (bias,)
+    return () if bias is None else bias.terms()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +203,7 @@ def scores(g: Geometry, qt, ktT, pos, kvalid, masked: bool, *, bias_grad: bool =
     sv = s.view(B, Hk, C, g.G, g.bq, L)  # (B, Hk, C, G, bq, L)
     values = []
     for part in g.bias_parts:
-        wants = bias_grad and any(t.requires_grad for t in part.tensors()) and not isinstance(part, TensorBias)
+        wants = bias_grad and any(t.requires_grad for t in part.tensors()) and part.dense_tensor is None
         with torch.set_grad_enabled(wants):
             val = part(*pos)
         values.append(val)
@@ -305,13 +299,6 @@ def _shift_free(g: Geometry, qt, kp, vp, t0, t1, items, kT, band_cache, ws):
             acc.view(-1, R, acc.shape[-1]).baddbmm_(p.view(-1, R, L), vt.expand(B, Hk, C, L, -1).reshape(-1, L, acc.shape[-1]))
             l_.add_(ls)
     return l_, acc
-
-
-def translation_invariant(mask) -> bool:
-    """True when ``mask.allows`` depends only on k - q (bands and their & / | combinations)."""
-    if type(mask) is Band:
-        return True
-    return type(mask) in (And, Or) and all(translation_invariant(p) for p in mask.parts)
 
 
 def band_offset(g: Geometry, t0: int, t1: int, keys) -> int | None:
@@ -425,7 +412,7 @@ def _bias_backward(g: Geometry, ds, pos, values, bias_grads):
         grads = bias_grads.get(i)
         if grads is None:
             continue
-        if isinstance(part, TensorBias):
+        if part.dense_tensor is not None:
             idx = _tensor_bias_index(part, *pos)
             grads[0].index_put_(idx, ds6.to(grads[0].dtype), accumulate=True)
             continue

@@ -12,7 +12,7 @@ the mask densely (about 2.9 GiB at N=16384) or needs an extra compile. Block mas
 
 Cost: like FlashAttention, O(non-empty tiles * 128^2 * D) time and O(N * D) memory; but every new
 (shape, spec) pair triggers a torch.compile of about 10 s on CPU. On CPU flex has no backward, so
-``not_supported_reasons`` refuses calls that need gradients there. No dropout (flex has none that
+``static_reasons`` refuses calls that need gradients there. No dropout (flex has none that
 matches the counter-based pattern), no returned weights.
 """
 
@@ -175,7 +175,7 @@ def _score_mod_for(call: AttentionCall):
 class FlexBackend(Backend):
     name = "flex"
 
-    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+    def static_reasons(self, call: AttentionCall) -> list[str]:
         reasons = []
         why = flex_available()
         if why:
@@ -188,6 +188,18 @@ class FlexBackend(Backend):
             reasons.append("flex_attention has no backward on CPU (forward only); use blockwise to train")
         if call.q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             reasons.append(f"flex is compiled for float32/float16/bfloat16, got {call.q.dtype}")
+        key = _compile_key(call)
+        if key not in _COMPILED_KEYS and len(_COMPILED_KEYS) >= _recompile_limit():
+            reasons.append(f"torch.compile has specialised flex_attention {len(_COMPILED_KEYS)} times (its recompile "
+                           "limit); another shape or spec would run the unfused eager fallback, which materialises "
+                           "the scores")
+        if call.bias is not None and call.needs_grad and call.q.device.type != "cpu":
+            reasons.append("gradients of bias-spec tensors through flex's score_mod are not routed by attnkit")
+        return reasons
+
+    def data_reasons(self, call: AttentionCall) -> list[str]:
+        """Whether the specs can be traced elementwise (a probe on a 2 x 2 x 2 x 2 grid)."""
+        reasons = []
         B, Hq, Hk, Nq, Nk, D = call.shape
         off, dev = Nk - Nq, call.q.device
         if call.mask is not None:
@@ -201,13 +213,6 @@ class FlexBackend(Backend):
             why = _probe_reason(f"bias spec {bias!r}", lambda b, h, i, j: bias(b, h, i + off, j), B, Hq, Nq, Nk, dev)
             if why:
                 reasons.append(why)
-        key = _compile_key(call)
-        if key not in _COMPILED_KEYS and len(_COMPILED_KEYS) >= _recompile_limit():
-            reasons.append(f"torch.compile has specialised flex_attention {len(_COMPILED_KEYS)} times (its recompile "
-                           "limit); another shape or spec would run the unfused eager fallback, which materialises "
-                           "the scores")
-        if call.bias is not None and call.needs_grad and call.q.device.type != "cpu":
-            reasons.append("gradients of bias-spec tensors through flex's score_mod are not routed by attnkit")
         return reasons
 
     def run(self, call: AttentionCall):

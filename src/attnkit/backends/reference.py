@@ -13,27 +13,9 @@ from __future__ import annotations
 import torch
 
 from .._hash import dropout_keep
-from ..masks import _index_grid
+from .._numerics import compute_dtype, expand_kv, safe_softmax
+from ..masks import index_grid
 from .base import AttentionCall, Backend
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics are kept in float32 for half/bfloat16 inputs."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hk, N, D) -> (B, Hk * groups, N, D): query head h reads kv head h // groups."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def safe_softmax(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim where all--inf rows give zeros (and zero gradients)."""
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
 def attention_weights(call: AttentionCall) -> torch.Tensor:
@@ -46,18 +28,15 @@ def attention_weights(call: AttentionCall) -> torch.Tensor:
     if call.softcap is not None:
         s = call.softcap * torch.tanh(s / call.softcap)
     if call.bias is not None:
-        s = s + call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=s.device, dtype=ct)
-    if call.mask is not None:
-        allowed = call.mask.to_dense(Nq, Nk, batch=B, heads=Hq, device=s.device)
-        s = s.masked_fill(~allowed, float("-inf"))
-    return safe_softmax(s)
+        s = s + call.dense_bias()
+    return safe_softmax(s, None if call.mask is None else ~call.dense_mask())
 
 
 def apply_dropout(w: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     if call.dropout_p == 0.0:
         return w
     B, Hq, Nq, Nk = w.shape
-    b, h, q, k = _index_grid(B, Hq, Nq, Nk, w.device)
+    b, h, q, k = index_grid(B, Hq, Nq, Nk, w.device)
     keep = dropout_keep(call.dropout_seed, call.dropout_p, b, h, q, k)
     return w * keep / (1.0 - call.dropout_p)
 
@@ -65,7 +44,7 @@ def apply_dropout(w: torch.Tensor, call: AttentionCall) -> torch.Tensor:
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+    def static_reasons(self, call: AttentionCall) -> list[str]:
         return []
 
     def run(self, call: AttentionCall):

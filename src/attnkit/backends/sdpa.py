@@ -19,24 +19,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import Band, TensorMask
+from .._numerics import compute_dtype
 from .base import AttentionCall, Backend
-from .reference import compute_dtype
 
 # Above this many mask/bias elements we refuse to materialise a mask for sdpa (4 GiB of float32).
 MAX_DENSE_ELEMENTS = 1 << 30
 
 
-def _is_plain_causal(call: AttentionCall) -> bool:
-    m = call.mask
-    B, Hq, Hk, Nq, Nk, D = call.shape
-    return isinstance(m, Band) and m.lo is None and m.hi == 0 and Nq == Nk
-
-
 class SdpaBackend(Backend):
     name = "sdpa"
 
-    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+    def static_reasons(self, call: AttentionCall) -> list[str]:
         B, Hq, Hk, Nq, Nk, D = call.shape
         reasons = []
         if call.return_weights:
@@ -45,38 +38,28 @@ class SdpaBackend(Backend):
             reasons.append("sdpa has no softcap")
         if call.dropout_p > 0:
             reasons.append("sdpa's dropout pattern is not reproducible by the other backends (seeded dropout)")
-        dense_needed = (call.mask is not None and not _is_plain_causal(call)) or call.bias is not None
+        dense_needed = (call.mask is not None and not call.plain_causal) or call.bias is not None
         if dense_needed and B * Hq * Nq * Nk > MAX_DENSE_ELEMENTS:
             reasons.append(f"the mask/bias would be materialised as {B}x{Hq}x{Nq}x{Nk} elements (> 2^30)")
-            return reasons
-        if call.mask is not None and not _is_plain_causal(call) and not reasons:
-            allowed = self._dense_mask(call)
-            if not bool(allowed.any(dim=-1).all()):
-                reasons.append("the mask has fully masked query rows, which sdpa turns into NaN/uniform weights")
-        if call.bias is not None and not reasons:
-            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device,
-                                      dtype=compute_dtype(call.q.dtype))
-            if bool(torch.isinf(bias).any()):
-                reasons.append("the bias has infinite entries (rows could be fully masked); pass a bool mask instead")
         return reasons
 
-    @staticmethod
-    def _dense_mask(call: AttentionCall) -> torch.Tensor:
-        B, Hq, Hk, Nq, Nk, D = call.shape
-        if isinstance(call.mask, TensorMask):
-            return call.mask.tensor
-        return call.mask.to_dense(Nq, Nk, batch=B, heads=Hq, device=call.q.device)
+    def data_reasons(self, call: AttentionCall) -> list[str]:
+        if call.mask is not None and not call.plain_causal and not bool(call.dense_mask().any(dim=-1).all()):
+            return ["the mask has fully masked query rows, which sdpa turns into NaN/uniform weights"]
+        if call.bias is not None and bool(torch.isinf(call.dense_bias()).any()):
+            return ["the bias has infinite entries (rows could be fully masked); pass a bool mask instead"]
+        return []
 
     def run(self, call: AttentionCall):
         B, Hq, Hk, Nq, Nk, D = call.shape
-        is_causal = _is_plain_causal(call)
+        is_causal = call.plain_causal
         attn_mask = None
         if call.mask is not None and not is_causal:
-            attn_mask = self._dense_mask(call)  # bool, True = attend
+            attn_mask = call.dense_mask()  # bool, True = attend
         q, k, v = call.q, call.k, call.v
         if call.bias is not None:
             ct = compute_dtype(q.dtype)
-            bias = call.bias.to_dense(Nq, Nk, batch=B, heads=Hq, device=q.device, dtype=ct)
+            bias = call.dense_bias()
             if ct != q.dtype:
                 if bool((bias.detach().to(q.dtype).to(ct) == bias.detach()).all()):
                     bias = bias.to(q.dtype)  # exact in the input dtype: no need to upcast

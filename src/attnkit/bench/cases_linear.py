@@ -12,10 +12,9 @@ import importlib.util
 
 import torch
 
-from ..additive import additive_attention
-from ..feature_maps import draw_favor_projection
-from ..linear import linear_attention
-from ..performer import performer_attention
+from ..variants.additive import additive_attention
+from ..variants.linear import linear_attention
+from ..variants.performer import draw_favor_projection, performer_attention
 from .registry import BenchCase, BenchShape, make_step, random_qkv, register
 
 M_FEATURES = 256

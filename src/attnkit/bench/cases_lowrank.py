@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from ..linformer import linformer_attention
-from ..lsh import lsh_attention
-from ..nystrom import nystrom_attention
+from ..variants.linformer import linformer_attention
+from ..variants.lsh import lsh_attention
+from ..variants.nystrom import nystrom_attention
 from .registry import BenchCase, BenchShape, make_step, random_qkv, register
 
 K_PROJ, LANDMARKS, HASHES, CHUNK = 256, 256, 8, 64

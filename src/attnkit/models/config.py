@@ -13,12 +13,11 @@ e.g. sliding-window layers with a global layer every fourth)::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import masks as M
-from ..nn.specs import LSH, Additive, Linear, Linformer, Nystrom, Performer, Softmax, check_combination, mask_is_causal
+from ..nn.mha import check_combination
+from ..variants import Softmax
 
 
 @dataclass(frozen=True)
@@ -30,21 +29,13 @@ class LayerSpec:
 
 
 def causal_variant(spec):
-    """The causal version of an attention spec, for decoder self-attention (or raise why not).
-
-    Softmax/Additive: the mask becomes ``causal() & mask`` unless it is already causal;
-    Linear/Performer/LSH: causal=True. Linformer and Nystrom have no causal form.
-    """
-    if isinstance(spec, (Softmax, Additive)):
-        if mask_is_causal(spec.mask):
-            return spec
-        return dataclasses.replace(spec, mask=M.causal() if spec.mask is None else M.causal() & spec.mask)
-    if isinstance(spec, (Linear, Performer, LSH)):
-        return dataclasses.replace(spec, causal=True)
-    if isinstance(spec, (Linformer, Nystrom)):
-        raise ValueError(f"{type(spec).__name__} is non-causal by construction and cannot be a decoder's "
-                         "self-attention; use it in the encoder (decoder_layers= chooses the decoder's)")
-    raise TypeError(f"unknown attention spec {spec!r}")
+    """The causal version of an attention spec, for decoder self-attention (or raise why not):
+    ``spec.causal_version()`` (Softmax/Additive: ``causal() & mask``; Linear/Performer/LSH:
+    causal=True; Linformer and Nystrom have none)."""
+    try:
+        return spec.causal_version()
+    except ValueError as e:
+        raise ValueError(f"{e}; use it in the encoder (decoder_layers= chooses the decoder's)") from None
 
 
 def _resolve(layers, i: int, n: int, name: str) -> LayerSpec:
@@ -62,6 +53,24 @@ def _resolve(layers, i: int, n: int, name: str) -> LayerSpec:
     if not isinstance(out, LayerSpec):
         raise TypeError(f"{name} for layer {i} must be a LayerSpec, got {out!r}")
     return out
+
+
+def _check_layer(s: LayerSpec, i: int) -> None:
+    """The layer must make sense as given (encoders) or in its causal version (decoders make every
+    self-attention causal); the model that builds it checks the form it uses."""
+    try:
+        check_combination(s.attention, s.position)
+    except ValueError as first:
+        try:
+            causal = s.attention.causal_version()
+        except ValueError:
+            raise ValueError(f"layer {i}: {first}") from None
+        try:
+            check_combination(causal, s.position)
+        except ValueError:
+            raise ValueError(f"layer {i}: {first}") from None
+    except TypeError as e:
+        raise TypeError(f"layer {i}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for i in range(self.num_layers):
             s = self.layer(i)
-            check_combination(s.attention, s.position)
+            _check_layer(s, i)
         check_combination(self.cross_attention, None)
 
     @property

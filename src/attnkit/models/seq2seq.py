@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..nn.cache import StaticKV
+from ..caches import StaticKV
 from .blocks import Block, Embedder, sample_next
 from .config import TransformerConfig
 from .encoder import TransformerEncoder

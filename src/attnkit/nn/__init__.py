@@ -1,33 +1,30 @@
-"""attnkit.nn: MultiHeadAttention, its variant/position specs, and decoding caches.
+"""attnkit.nn: MultiHeadAttention (the one attention module), position specs, caches.
 
 Layout: modules take (B, N, E) (batch_first); heads are (B, H, N, D) inside. Bool masks
 True = may attend; torch-polarity masks (key_padding_mask, torch_attn_mask) are converted at
-the module boundary.
+the module boundary. The variant specs (``Softmax``, ``Linear``, ...) live in
+``attnkit.variants`` and are re-exported here; the caches live in ``attnkit.caches``.
 """
 
-from .cache import KVCache, RecurrentState, SegmentMemory, SlidingWindowCache, StaticKV
-from .mha import MultiHeadAttention
-from .specs import (
-    LSH,
-    T5,
-    XL,
-    Additive,
-    Alibi,
-    Linear,
-    Linformer,
-    Nystrom,
-    Performer,
-    Rope,
-    Shaw,
-    Softmax,
-    can_decode,
-    check_combination,
+from ..caches import Cache, KVCache, RecurrentState, SegmentMemory, SlidingWindowCache, StaticKV
+from ..variants import LSH, Additive, Linear, Linformer, Nystrom, Performer, Softmax
+from .family import (
+    AdditiveAttention,
+    LinearAttention,
+    LinformerAttention,
+    LSHSelfAttention,
+    NystromAttention,
+    PerformerAttention,
 )
+from .mha import MultiHeadAttention, check_combination
+from .positions import T5, XL, Alibi, PositionSpec, Rope, Shaw
 from .torch_compat import convert_attn_mask, convert_key_padding_mask
 
 __all__ = [
-    "MultiHeadAttention", "KVCache", "SlidingWindowCache", "RecurrentState", "SegmentMemory", "StaticKV",
+    "MultiHeadAttention", "check_combination",
+    "Cache", "KVCache", "SlidingWindowCache", "RecurrentState", "SegmentMemory", "StaticKV",
     "Softmax", "Additive", "Linear", "Performer", "Linformer", "Nystrom", "LSH",
-    "Rope", "Alibi", "T5", "Shaw", "XL", "can_decode", "check_combination",
-    "convert_attn_mask", "convert_key_padding_mask",
+    "PositionSpec", "Rope", "Alibi", "T5", "Shaw", "XL",
+    "AdditiveAttention", "LinearAttention", "PerformerAttention", "LinformerAttention", "NystromAttention",
+    "LSHSelfAttention", "convert_attn_mask", "convert_key_padding_mask",
 ]

@@ -20,27 +20,37 @@ from torch import nn
 from .. import masks as M
 from .._validate import shape_str
 from ..biases import SumBias, TensorBias
+from ..caches import StaticKV
+from ..variants import Softmax, Variant
 from . import torch_compat as TC
-from ._cores import Masking, build_core
-from ._positions import build_position
-from .cache import KVCache, RecurrentState, SegmentMemory, SlidingWindowCache, StaticKV
-from .specs import (
-    XL,
-    Linear,
-    Performer,
-    Rope,
-    Softmax,
-    can_decode,
-    check_combination,
-    mask_is_relative,
-    mask_window,
-)
+from .positions import PositionSpec
 
 
 def _check_int(name: str, val, minimum: int = 1) -> int:
     if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
         raise ValueError(f"MultiHeadAttention: {name} must be an int >= {minimum}, got {val!r}")
     return val
+
+
+def check_combination(attention, position, *, dropout: float = 0.0) -> None:
+    """Raise a ValueError/TypeError saying why ``attention`` + ``position`` (+ attention dropout)
+    cannot make a layer. The variant and the position spec answer; nothing here knows their classes."""
+    if not isinstance(attention, Variant):
+        raise TypeError(f"attention must be a variant spec from attnkit.variants (Softmax(), Linear(), ...), "
+                        f"got {attention!r}")
+    if position is not None and not isinstance(position, PositionSpec):
+        raise TypeError(f"position must be None or a position spec from attnkit.nn (Rope(), Alibi(), T5(), Shaw(), "
+                        f"XL()), got {position!r}")
+    reason = attention.position_reason(position)
+    if reason:
+        raise ValueError(reason)
+    a = type(attention).__name__
+    if dropout and not attention.attention_dropout:
+        raise ValueError(f"dropout={dropout} drops attention weights, which {a} attention does not support; "
+                         "use dropout=0.0 (apply dropout on the module output instead)")
+    if dropout and position is not None and position.own_kernel:
+        raise ValueError(f"dropout={dropout}: position={type(position).__name__}() runs its own kernel, which has "
+                         "no attention dropout; use dropout=0.0")
 
 
 class MultiHeadAttention(nn.Module):
@@ -50,15 +60,19 @@ class MultiHeadAttention(nn.Module):
         embed_dim: E. num_heads: H (E % H == 0; head dim D = E // H).
         num_kv_heads: Hk for grouped-query / multi-query attention (default H).
         kdim, vdim: widths of the key / value inputs for cross-attention (default E).
-        bias: biases on the four projections. dropout: on the attention weights (Softmax only;
-            a seeded hash pattern, see ``attnkit.attention``), active in training mode.
-        attention: a spec from ``attnkit.nn.specs`` (default ``Softmax()``: full, non-causal).
-        position: None or Rope / Alibi / T5 / Shaw / XL (self-attention only).
+        bias: biases on the four projections. dropout: on the attention weights (variants with
+            attention dropout, i.e. Softmax: a seeded hash pattern, see ``attnkit.attention``),
+            active in training mode.
+        attention: a variant spec from ``attnkit.variants`` (default ``Softmax()``: full, non-causal).
+        position: None or a position spec (``Rope``, ``Alibi``, ``T5``, ``Shaw``, ``XL``),
+            self-attention only.
         batch_first: True for (B, N, E) inputs; False for (N, B, E).
 
-    Parameters ``q_proj`` (E -> E), ``k_proj`` (kdim -> Hk D), ``v_proj`` (vdim -> Hk D),
-    ``out_proj`` (E -> E). Cost: O(N E^2) for projections plus the variant's cost.
-    Invalid variant/position/dropout combinations raise at construction with the reason.
+    Parameters ``q_proj`` (E -> H D), ``k_proj`` (kdim -> Hk D; absent for variants whose keys
+    are the queries, ``shares_qk``), ``v_proj`` (vdim -> Hk D), ``out_proj`` (H D -> E), ``core``
+    (the variant's module), ``pos`` (the position scheme's module or None). Cost: O(N E^2) for
+    projections plus the variant's cost. Invalid variant/position/dropout combinations raise at
+    construction with the reason.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
@@ -74,79 +88,57 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: num_heads={H} must be a multiple of num_kv_heads={Hk}")
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"MultiHeadAttention: dropout must be a float in [0, 1), got {dropout!r}")
+        for name, val in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(val, bool):
+                raise TypeError(f"MultiHeadAttention: {name} must be a bool, got {val!r}")
         attention = Softmax() if attention is None else attention
         check_combination(attention, position, dropout=dropout)
         self.embed_dim, self.num_heads, self.num_kv_heads = E, H, Hk
         self.head_dim = D = E // H
         self.kdim = E if kdim is None else _check_int("kdim", kdim)
         self.vdim = E if vdim is None else _check_int("vdim", vdim)
-        self.dropout, self.batch_first, self.has_bias = float(dropout), bool(batch_first), bool(bias)
+        if attention.shares_qk and self.kdim != E:
+            raise ValueError(f"{type(attention).__name__} attention shares queries and keys; kdim must equal embed_dim")
+        self.dropout, self.batch_first, self.has_bias = float(dropout), batch_first, bias
         self.attention, self.position = attention, position
         fk = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(E, H * D, bias=bias, **fk)
-        self.k_proj = nn.Linear(self.kdim, Hk * D, bias=bias, **fk)
+        self.k_proj = None if attention.shares_qk else nn.Linear(self.kdim, Hk * D, bias=bias, **fk)
         self.v_proj = nn.Linear(self.vdim, Hk * D, bias=bias, **fk)
         self.out_proj = nn.Linear(H * D, E, bias=bias, **fk)
-        self.pos = build_position(position, attention, num_heads=H, head_dim=D, embed_dim=E, **fk)
-        self.core = build_core(attention, num_heads=H, num_kv_heads=Hk, head_dim=D, **fk)
+        self.pos = None if position is None else position.build(num_heads=H, head_dim=D, attention=attention).to(**fk)
+        self.core = attention.build_core(num_heads=H, num_kv_heads=Hk, head_dim=D).to(**fk)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
                 f"attention={self.attention!r}, position={self.position!r}")
 
     # -- caches ----------------------------------------------------------------------------------
+    def _cache_owner(self):
+        """The spec that chooses and checks this layer's cache: the position scheme when it owns
+        one (Transformer-XL's segment memory), else the attention variant."""
+        return self.position if self.position is not None and self.position.owns_cache else self.attention
+
     def make_cache(self, max_batch: int, max_len: int, *, dtype=None, device=None):
-        """The cache this layer decodes with: KVCache, SlidingWindowCache (sliding-window masks,
-        ring of the window), RecurrentState (causal Linear/Performer) or SegmentMemory (XL)."""
-        reason = can_decode(self.attention, self.position)
+        """The cache this layer decodes with, chosen by its variant (KVCache; SlidingWindowCache
+        for windowed masks; RecurrentState for causal Linear/Performer) or position (SegmentMemory
+        for XL)."""
+        reason = self.attention.decode_reason()
         if reason:
             raise ValueError(f"this layer cannot decode with a cache: {reason}")
-        dtype = dtype or self.q_proj.weight.dtype
-        device = device or self.q_proj.weight.device
-        if isinstance(self.position, XL):
-            return SegmentMemory(self.position.mem_len)
-        if isinstance(self.attention, (Linear, Performer)):
-            return RecurrentState()
-        w = mask_window(self.attention.mask)
-        if w is not None and w < max_len and isinstance(self.attention, Softmax) and mask_is_relative(self.attention.mask):
-            return SlidingWindowCache(max_batch, w, self.num_kv_heads, self.head_dim, dtype, device)
-        return KVCache(max_batch, max_len, self.num_kv_heads, self.head_dim, dtype, device)
+        w = self.q_proj.weight
+        return self._cache_owner().make_cache(max_batch=max_batch, max_len=max_len, num_kv_heads=self.num_kv_heads,
+                                              head_dim=self.head_dim, dtype=dtype or w.dtype, device=device or w.device)
 
     def _check_cache(self, cache, cross: bool) -> None:
         if cache is None:
             return
-        if cross:
-            if not isinstance(cache, StaticKV):
-                raise TypeError(f"cross-attention caches its context's keys/values in a StaticKV, got {type(cache).__name__}")
-            return
-        if isinstance(cache, StaticKV):
-            raise TypeError("StaticKV is for cross-attention (context=...); self-attention decodes with the cache "
-                            "from make_cache()")
-        reason = can_decode(self.attention, self.position)
-        if reason:
-            raise ValueError(f"cache={type(cache).__name__} given, but {reason}")
-        if isinstance(self.position, XL):
-            if not isinstance(cache, SegmentMemory):
-                raise TypeError(f"position=XL decodes with a SegmentMemory, got {type(cache).__name__}")
-            return
-        if isinstance(self.attention, (Linear, Performer)):
-            if not isinstance(cache, RecurrentState):
-                raise TypeError(f"{type(self.attention).__name__} attention decodes with a RecurrentState, got "
-                                f"{type(cache).__name__}")
-            return
-        if isinstance(cache, SlidingWindowCache):
-            mask = self.attention.mask
-            w = mask_window(mask)
-            if not mask_is_relative(mask) or w is None or w > cache.window:
-                raise ValueError(f"SlidingWindowCache(window={cache.window}) keeps only the last {cache.window} keys, "
-                                 f"but the mask {mask!r} reaches {'unboundedly far' if w is None else w} keys back or "
-                                 "depends on absolute positions; use a KVCache or a larger window")
-            if not isinstance(self.attention, Softmax):
-                raise TypeError("SlidingWindowCache works with Softmax attention")
-            return
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a KVCache, SlidingWindowCache, RecurrentState, SegmentMemory or StaticKV, "
-                            f"got {type(cache).__name__}")
+        if cross != isinstance(cache, StaticKV):
+            raise TypeError("cross-attention (context=...) caches its context's keys/values in a StaticKV; "
+                            f"self-attention decodes with the cache from make_cache(); got {type(cache).__name__} "
+                            f"for {'cross' if cross else 'self'}-attention")
+        if not cross:
+            self._cache_owner().check_cache(cache)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
@@ -189,19 +181,41 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"{name} must be a 3-D (B, N, {width}) tensor, got {got}")
         if t.shape[2] != width or (batch is not None and t.shape[0] != batch):
             raise ValueError(f"{name} has shape {shape_str(t)}, expected ({batch or 'B'}, N, {width})")
+        wdtype = self.q_proj.weight.dtype
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor (embeddings, not token ids), got dtype {t.dtype}")
+        if t.dtype != wdtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {wdtype}; convert one of them "
+                            f"(e.g. x.to({wdtype}) or module.to({t.dtype}))")
 
     def _heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
         B, N, _ = t.shape
         return t.view(B, N, heads, self.head_dim).transpose(1, 2)  # (B, heads, N, D)
 
+    def _key_valid(self, key_padding_mask, batch: int, nk: int, source: str):
+        """(B, Nk') bool, True = real key, from torch's key_padding_mask (True = padding)."""
+        if key_padding_mask is None:
+            return None
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            raise TypeError(f"key_padding_mask must be a bool tensor (B, Nk) with True = padding (torch's polarity), "
+                            f"got {got}; for torch's float masks use torch_forward()")
+        if tuple(key_padding_mask.shape) != (batch, nk):
+            raise ValueError(f"key_padding_mask has shape {shape_str(key_padding_mask)}, expected ({batch}, {nk}): one "
+                             f"flag per {source} token this call adds (True = padding)")
+        return ~key_padding_mask
+
     def _forward(self, x, context, value, mask, key_padding_mask, torch_attn_mask, cache, need_weights):
         self._check_input("x", x, self.embed_dim, None)
         B, Nq, _ = x.shape
         cross = context is not None
+        a = self.attention
         if value is not None and not cross:
             raise ValueError("value= is the value input of cross-attention; pass context= as well")
-        self._check_cache(cache, cross)
         if cross:
+            if not a.cross:
+                raise ValueError(f"{type(a).__name__} attention shares queries and keys: it is self-attention only "
+                                 "(context= is not supported)")
             if self.position is not None:
                 raise ValueError(f"position={self.position!r} relates positions within one sequence; queries and "
                                  "context do not share positions, so cross-attention takes position=None")
@@ -216,55 +230,52 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"self-attention needs kdim == vdim == embed_dim ({self.kdim}, {self.vdim}, "
                                  f"{self.embed_dim}); pass context= for cross-attention")
             key_in = val_in = x
-        offset = 0 if cache is None or isinstance(cache, StaticKV) else cache.length
+        own_kernel = self.pos is not None and self.pos.computes_attention
+        if need_weights and (own_kernel or not a.returns_weights):
+            what = f"position={self.position!r}" if own_kernel else f"{type(a).__name__} attention"
+            raise ValueError(f"need_weights=True: {what} never forms the (Nq, Nk) weight matrix")
+        self._check_cache(cache, cross)
+        key_valid = self._key_valid(key_padding_mask, B, key_in.shape[1], "context" if cross else "input")
+        query_valid = key_valid if not cross and cache is None else None
+        offset = 0 if cache is None or cross else cache.length
 
         q = self._heads(self.q_proj(x), self.num_heads)  # (B, H, Nq, D)
-        key_valid = None
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be a bool tensor (B, Nk) with True = padding (torch's polarity); "
-                                "for torch's float masks use torch_forward()")
-            M.key_padding_from_bool(key_padding_mask)  # validates (B, Nk) bool
-            if tuple(key_padding_mask.shape) != (B, key_in.shape[1]):
-                raise ValueError(f"key_padding_mask has shape {shape_str(key_padding_mask)}, expected "
-                                 f"({B}, {key_in.shape[1]}): one flag per key this call adds (True = padding)")
-            key_valid = ~key_padding_mask  # (B, Nk'), True = real key
-        if isinstance(cache, StaticKV) and cache.filled:
-            if cache.k.shape[0] != B:
-                raise ValueError(f"StaticKV holds batch {cache.k.shape[0]}, got batch {B}; reset() it for a new context")
-            k, v, key_valid = cache.k, cache.v, cache.valid
+        reused = None if cache is None else cache.reuse()
+        if reused is not None:  # keys/values computed once for this context
+            k, v, key_valid = reused
+            if k.shape[0] != B:
+                raise ValueError(f"{type(cache).__name__} holds batch {k.shape[0]}, got batch {B}; reset() it first")
         else:
-            k = self._heads(self.k_proj(key_in), self.num_kv_heads)  # (B, Hk, Nk, D)
             v = self._heads(self.v_proj(val_in), self.num_kv_heads)  # (B, Hk, Nk, D)
-            if isinstance(self.position, Rope):
+            k = q if self.k_proj is None else self._heads(self.k_proj(key_in), self.num_kv_heads)  # (B, Hk, Nk, D)
+            if self.pos is not None:
                 q, k = self.pos.rotate(q, k, q_offset=offset, k_offset=offset)
-            if isinstance(cache, StaticKV):
-                cache.k, cache.v, cache.valid, cache.length = k, v, key_valid, k.shape[2]
-        if isinstance(cache, (KVCache, SlidingWindowCache)):
-            k, v, key_valid = cache.update(k, v, key_valid)
-        elif isinstance(cache, SegmentMemory) and cache.memory is not None:
-            if key_padding_mask is not None:
-                raise ValueError("key_padding_mask with a SegmentMemory: the memory does not track padding")
-            if cache.memory[0].shape[0] != B:
-                raise ValueError(f"SegmentMemory holds batch {cache.memory[0].shape[0]}, got batch {B}; reset() it")
-            k = torch.cat([cache.memory[0], k], dim=2)  # (B, Hk, M + Nq, D)
-            v = torch.cat([cache.memory[1], v], dim=2)
+            if cache is not None:
+                k, v, key_valid = cache.update(k, v, key_valid)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a cache keeps its own dtype (e.g. float32 under autocast)
         Nk = k.shape[2]
 
         tmask, tbias = TC.convert_attn_mask(torch_attn_mask, batch=B, num_heads=self.num_heads, nq=Nq, nk=Nk)
-        masking = Masking.build(self.attention, mask, tmask, key_valid, batch=B, heads=self.num_heads, nq=Nq, nk=Nk)
+        parts = [M.as_mask(mask, batch=B, heads=self.num_heads, nq=Nq, nk=Nk, device=x.device, name="mask",
+                           float_hint="torch's attn_mask (True = blocked, or float) goes to torch_attn_mask=")]
+        parts.append(None if tmask is None else M.TensorMask(tmask, Nq, Nk))
+        parts.append(None if key_valid is None else M.key_padding_from_bool(~key_valid))
+        combined = None
+        for p in parts:
+            if p is not None:
+                combined = p if combined is None else combined & p
         bias = None if tbias is None else TensorBias(tbias, Nq, Nk)
-        pos_bias = self.pos.bias(nq=Nq, nk=Nk) if self.pos is not None else None
+        pos_bias = None if self.pos is None else self.pos.bias(nq=Nq, nk=Nk)
         if pos_bias is not None:
             bias = pos_bias if bias is None else SumBias((pos_bias, bias))
-        dropout_p = self.dropout if self.training else 0.0
-        attend = self.pos.attend if self.pos is not None and self.pos.computes_attention else self.core
-        out, w = attend(q, k, v, masking=masking, bias=bias, dropout_p=dropout_p, need_weights=need_weights,
-                        state=cache if isinstance(cache, RecurrentState) else None)
-        if isinstance(cache, SegmentMemory):
-            cache.advance(k, v, Nq)
-        elif isinstance(cache, RecurrentState):
-            cache.length += Nq
+        if tbias is not None and (own_kernel or not a.takes_bias):
+            what = f"position={self.position!r}" if own_kernel else f"{type(a).__name__} attention"
+            raise ValueError(f"{what} cannot add a float attn_mask to its scores; pass bool masks instead")
+        attend = self.pos.attend if own_kernel else self.core
+        out, w = attend(q, k, v, mask=a.with_own_mask(combined), bias=bias, dropout_p=self.dropout if self.training else 0.0,
+                        need_weights=need_weights, cache=None if cross else cache, query_valid=query_valid)
+        if cache is not None:
+            cache.after(k, v, Nq)
         out = out.transpose(1, 2).reshape(B, Nq, self.num_heads * self.head_dim)  # (B, Nq, H D)
         return self.out_proj(out), w
 
@@ -320,7 +331,7 @@ class MultiHeadAttention(nn.Module):
         reasons = []
         if self.num_kv_heads != self.num_heads:
             reasons.append(f"grouped-query (num_kv_heads={self.num_kv_heads} != num_heads={self.num_heads})")
-        if not isinstance(self.attention, Softmax) or self.attention != Softmax():
+        if self.attention != Softmax():
             reasons.append(f"attention={self.attention!r} (torch has plain Softmax() only; pass masks per call)")
         if self.position is not None:
             reasons.append(f"position={self.position!r}")
@@ -340,4 +351,4 @@ class MultiHeadAttention(nn.Module):
         return m
 
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "check_combination"]

@@ -15,11 +15,10 @@ import math
 
 import torch
 
-from ...additive import additive_attention
-from ...feature_maps import draw_favor_projection, elu_plus_one, favor_features
-from ...linear import linear_attention
 from ...masks import causal
-from ...performer import performer_attention
+from ...variants.additive import additive_attention
+from ...variants.linear import elu_plus_one, linear_attention
+from ...variants.performer import draw_favor_projection, favor_features, performer_attention
 from ..demo_api import DemoCase, Prepared
 
 B, H, N, D, M_FEATURES, SIGMA = 1, 8, 1024, 64, 256, 0.5

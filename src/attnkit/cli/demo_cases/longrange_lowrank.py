@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from ...linformer import linformer_attention
-from ...lsh import lsh_attention, shared_qk_attention
-from ...nystrom import nystrom_attention
 from ...tolerances import tol
+from ...variants.linformer import linformer_attention
+from ...variants.lsh import lsh_attention, shared_qk_attention
+from ...variants.nystrom import nystrom_attention
 from ..demo_api import DemoCase, Prepared
 
 F64 = torch.float64

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _validate as V
-from .linformer import key_valid_tensor
+from .. import _validate as V
+from .._numerics import compute_dtype, expand_kv, safe_softmax
+from .base import Variant, key_valid, pos_int
 
 SEGMENTS = ("even", "front_pad")
 PINV_INIT = ("per_matrix", "global")
@@ -72,16 +73,12 @@ def _landmarks(x: torch.Tensor, seg: torch.Tensor, m: int, valid: torch.Tensor |
     return means, counts > 0
 
 
-def _masked_softmax(s: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+def _softmax(s: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last dim; blocked entries get 0 and rows with nothing allowed give zeros."""
-    if allowed is None:
-        return torch.softmax(s, dim=-1)
-    s = s.masked_fill(~allowed, float("-inf"))
-    mx = s.amax(dim=-1, keepdim=True).detach()
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(s - mx)
-    den = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.softmax(s, dim=-1) if allowed is None else safe_softmax(s, ~allowed)
+
+
+_REASON = "each landmark averages a whole segment of keys (future positions included)"
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6, init: str = "per_matrix") -> torch.Tensor:
@@ -110,9 +107,9 @@ def iterative_pinv(a: torch.Tensor, iterations: int = 6, init: str = "per_matrix
 
 
 def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_landmarks: int,
-                      pinv_iterations: int = 6, key_padding=None, query_padding=None,
+                      pinv_iterations: int = 6, mask=None, query_valid: torch.Tensor | None = None,
                       conv_kernel: torch.Tensor | None = None, scale: float | None = None,
-                      segments: str = "even", pinv_init: str = "per_matrix", causal: bool = False) -> torch.Tensor:
+                      segments: str = "even", pinv_init: str = "per_matrix") -> torch.Tensor:
     """Nystrom approximation of softmax(scale q k^T) v with ``num_landmarks`` landmarks.
 
     Args:
@@ -120,23 +117,21 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
         num_landmarks: m <= min(Nq, Nk). With m == Nq == Nk every segment is one token and the
             result is exact softmax attention up to the pinv iteration's error.
         pinv_iterations: iterations of the pseudo-inverse (paper: 6).
-        key_padding: key padding spec (``masks.key_padding`` / ``key_padding_from_bool``):
+        mask: as ``attnkit.attention`` (a spec or a bool tensor, True = may attend), restricted to
+            key padding (``masks.key_padding``, ``key_padding_from_bool``, (B, 1, 1, Nk) bool):
             padded keys are left out of the key landmarks, of softmax(Q~ K^T) and of the conv.
-        query_padding: the same kind of spec over Nq: padded queries are left out of the query
-            landmarks (pass the key spec for padded self-attention). Their rows are still computed.
+            Any other mask (causal included) raises: a landmark averages a whole segment.
+        query_valid: (B, Nq) bool, True = real query: padded queries are left out of the query
+            landmarks (in padded self-attention, the keys' validity). Their rows are still computed.
         conv_kernel: (Hq, K), K odd: adds the depthwise conv over the sequence of the values
             (needs Nq == Nk); None: no residual.
         scale: default 1/sqrt(D). segments: "even" or "front_pad" (peer). pinv_init:
             "per_matrix" or "global" (peer).
-        causal: must be False (a landmark averages future positions).
 
     Returns: (B, Hq, Nq, Dv) in q's dtype (half/bfloat16 computed in float32).
     Cost: O(N m (D + Dv) + pinv_iterations m^3) time, O(N m) memory per head.
     """
     V.check_qkv(q, k, v)
-    if causal:
-        raise ValueError("nystrom_attention: causal=True is not supported: each landmark is the mean of a "
-                         "segment of keys, so every query would see future positions through it")
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     if not isinstance(num_landmarks, int) or not 1 <= num_landmarks <= min(Nq, Nk):
@@ -144,28 +139,30 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
                          f"{num_landmarks!r}; for sequences this short use exact attention")
     m = num_landmarks
     scale = V.check_scale(scale, D)
-    kvalid = key_valid_tensor(key_padding, B, Nk, q.device, variant="nystrom_attention")
-    qvalid = key_valid_tensor(query_padding, B, Nq, q.device, variant="nystrom_attention", name="query_padding")
+    kvalid = key_valid(mask, batch=B, nq=Nq, nk=Nk, device=q.device, variant="Nystrom", reason=_REASON)
+    qvalid = query_valid
+    if qvalid is not None and (not isinstance(qvalid, torch.Tensor) or qvalid.dtype != torch.bool
+                               or tuple(qvalid.shape) != (B, Nq)):
+        got = f"{qvalid.dtype} {V.shape_str(qvalid)}" if isinstance(qvalid, torch.Tensor) else type(qvalid).__name__
+        raise ValueError(f"query_valid must be a bool (B, Nq) = ({B}, {Nq}) tensor (True = real query), got {got}")
     in_dtype = q.dtype
-    ct = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+    ct = compute_dtype(in_dtype)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
     if kvalid is not None:
         v = v * kvalid[:, None, :, None].to(ct)  # (B, Hk, Nk, Dv), padded rows zero
     kl, kl_valid = _landmarks(k, segment_ids(Nk, m, segments, q.device), m, kvalid)  # (B, Hk, m, D), (B', 1, m)
     ql, ql_valid = _landmarks(q, segment_ids(Nq, m, segments, q.device), m, qvalid)  # (B, Hq, m, D)
-    g = Hq // Hk
-    if g > 1:
-        k, v, kl = (t.repeat_interleave(g, dim=1) for t in (k, v, kl))  # (B, Hq, ., .)
+    k, v, kl = (expand_kv(t, Hq // Hk) for t in (k, v, kl))  # (B, Hq, ., .)
     all_k = bool(kl_valid.all())
     all_q = bool(ql_valid.all())
     kls, qls = kl * scale, ql * scale  # fold the scale into the small landmark tensors
-    k1 = _masked_softmax(q @ kls.transpose(-1, -2), None if all_k else kl_valid[..., None, :])  # (B, Hq, Nq, m)
+    k1 = _softmax(q @ kls.transpose(-1, -2), None if all_k else kl_valid[..., None, :])  # (B, Hq, Nq, m)
     m2 = None if all_k and all_q else ql_valid[..., :, None] & kl_valid[..., None, :]  # (B', 1, m, m)
-    k2 = _masked_softmax(qls @ kl.transpose(-1, -2), m2)  # (B, Hq, m, m)
+    k2 = _softmax(qls @ kl.transpose(-1, -2), m2)  # (B, Hq, m, m)
     m3 = None if kvalid is None else ql_valid[..., :, None] & kvalid[:, None, None, :]  # (B, 1, m, Nk)
     if m3 is None and not all_q:
         m3 = ql_valid[..., :, None].expand(-1, -1, -1, Nk)
-    k3 = _masked_softmax(qls @ k.transpose(-1, -2), m3)  # (B, Hq, m, Nk)
+    k3 = _softmax(qls @ k.transpose(-1, -2), m3)  # (B, Hq, m, Nk)
     z = iterative_pinv(k2, pinv_iterations, pinv_init)  # (B, Hq, m, m)
     out = k1 @ (z @ (k3 @ v))  # (B, Hq, Nq, Dv)
     if conv_kernel is not None:
@@ -189,48 +186,64 @@ def depthwise_conv(v: torch.Tensor, kernel: torch.Tensor, nq: int) -> torch.Tens
 
 
 @dataclass(frozen=True)
-class NystromOptions:
+class Nystrom(Variant):
+    """Nystromformer (Xiong et al. 2021): segment-mean landmarks, iterative pseudo-inverse.
+
+    num_landmarks: m (<= the sequence lengths). pinv_iterations: 6 (paper). conv_kernel_size:
+    K of the depthwise-conv residual on the values (the official code's and the peer's; self-
+    attention only), None: no residual. segments / pinv_init: see the module docstring.
+    Non-causal by construction; masks: key padding only. Cost O(N m D + m^3).
+    """
+
     num_landmarks: int = 256
     pinv_iterations: int = 6
-    conv_kernel_size: int | None = 33  # None: no depthwise-conv residual
+    conv_kernel_size: int | None = None
     segments: str = "even"
     pinv_init: str = "per_matrix"
 
+    name = "nystrom"
+
     def __post_init__(self):
-        if not isinstance(self.num_landmarks, int) or self.num_landmarks <= 0:
-            raise ValueError(f"NystromOptions.num_landmarks must be an int > 0, got {self.num_landmarks!r}")
-        if self.conv_kernel_size is not None and (self.conv_kernel_size <= 0 or self.conv_kernel_size % 2 == 0):
-            raise ValueError(f"NystromOptions.conv_kernel_size must be odd and > 0 (or None), got {self.conv_kernel_size!r}")
+        pos_int("Nystrom", "num_landmarks", self.num_landmarks)
+        pos_int("Nystrom", "pinv_iterations", self.pinv_iterations)
+        if self.conv_kernel_size is not None:
+            pos_int("Nystrom", "conv_kernel_size", self.conv_kernel_size)
+            if self.conv_kernel_size % 2 == 0:
+                raise ValueError(f"Nystrom: conv_kernel_size must be odd (same-length output), got {self.conv_kernel_size}")
         if self.segments not in SEGMENTS:
-            raise ValueError(f"NystromOptions.segments must be one of {SEGMENTS}, got {self.segments!r}")
+            raise ValueError(f"Nystrom: segments must be one of {SEGMENTS}, got {self.segments!r}")
         if self.pinv_init not in PINV_INIT:
-            raise ValueError(f"NystromOptions.pinv_init must be one of {PINV_INIT}, got {self.pinv_init!r}")
+            raise ValueError(f"Nystrom: pinv_init must be one of {PINV_INIT}, got {self.pinv_init!r}")
+
+    def causal_version(self):
+        raise ValueError("Nystrom is non-causal by construction (each landmark averages a segment that includes "
+                         "future positions) and cannot be a decoder's self-attention")
+
+    def decode_reason(self) -> str | None:
+        return "Nystrom summarises the whole key sequence in landmarks and is non-causal, so it cannot decode"
+
+    def build_core(self, *, num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+        return NystromCore(self, num_heads)
 
 
-class NystromAttention(nn.Module):
-    """Multi-head Nystrom self-attention on (B, N, E): to_qkv (no bias), conv residual, to_out.
+class NystromCore(nn.Module):
+    """``nystrom_attention``; holds the residual conv kernel (H, K) when the spec asks for one."""
 
-    Weight layout as the peer's ``NystromAttention``: ``to_qkv`` (3 * H * D, E), ``res_conv``
-    kernel stored as (H, K), ``to_out`` with bias. ``forward(x, *, key_padding=None)``; the
-    padding spec marks both padded queries (for the query landmarks) and padded keys.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, options: NystromOptions = NystromOptions()):
+    def __init__(self, spec: Nystrom, num_heads: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.options = num_heads, head_dim, options
-        inner = num_heads * head_dim
-        self.to_qkv = nn.Linear(embed_dim, 3 * inner, bias=False)
-        self.to_out = nn.Linear(inner, embed_dim)
-        K = options.conv_kernel_size
+        self.spec = spec
+        K = spec.conv_kernel_size
         self.conv_kernel = None if K is None else nn.Parameter(torch.empty(num_heads, K).uniform_(-K ** -0.5, K ** -0.5))
 
-    def forward(self, x: torch.Tensor, *, key_padding=None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, N, E), got shape {V.shape_str(x)}")
-        B, N, _ = x.shape
-        o = self.options
-        q, k, v = self.to_qkv(x).view(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D)
-        out = nystrom_attention(q, k, v, num_landmarks=o.num_landmarks, pinv_iterations=o.pinv_iterations,
-                                key_padding=key_padding, query_padding=key_padding, conv_kernel=self.conv_kernel,
-                                segments=o.segments, pinv_init=o.pinv_init)  # (B, H, N, D)
-        return self.to_out(out.transpose(1, 2).reshape(B, N, -1))  # (B, N, E)
+    def forward(self, q, k, v, *, mask, bias, dropout_p, need_weights, cache, query_valid=None):
+        s = self.spec
+        if self.conv_kernel is not None and q.shape[2] != k.shape[2]:
+            raise ValueError(f"Nystrom(conv_kernel_size={s.conv_kernel_size}) adds a conv of the values to each query "
+                             f"row and needs self-attention (Nq == Nk), got Nq={q.shape[2]}, Nk={k.shape[2]}")
+        return nystrom_attention(q, k, v, num_landmarks=s.num_landmarks, pinv_iterations=s.pinv_iterations, mask=mask,
+                                 query_valid=query_valid, conv_kernel=self.conv_kernel, segments=s.segments,
+                                 pinv_init=s.pinv_init), None
+
+
+__all__ = ["nystrom_attention", "iterative_pinv", "segment_ids", "depthwise_conv", "Nystrom", "NystromCore",
+           "SEGMENTS", "PINV_INIT"]

@@ -1,4 +1,4 @@
-"""Mask specs: which (query, key) pairs may attend, as composable data.
+"""Mask specs: which (query, key) pairs may attend, as composable data. The protocol.
 
 Legend: B batch, H query heads, Nq queries, Nk keys, Tq / Tk tiles along queries / keys.
 
@@ -20,22 +20,23 @@ Conventions
   traced elementwise (flex's vmap). Specs that look up per-position data by the *query*
   position (document ids, block layouts, global flags) define a query before key 0 (possible
   when Nq > Nk) as belonging to no document / layout row / global set.
+- Structure: a spec answers, about itself, the questions kernels, caches and variants ask
+  (``is_causal``, ``window``, ``translation_invariant``, ``key_only``, ``conjuncts()``,
+  ``batch_size``), so no consumer needs to know the spec's class.
 
-Structured specs live here; data-carrying ones (padding, documents, tensors, functions) in
-``attnkit.data_masks``, the sparse ones from the literature (dilated, strided, fixed,
-block-sparse, global tokens, BigBird) are in ``attnkit.sparse_masks`` and re-exported below.
+The package: ``base`` (this protocol, composition, tile evaluation), ``bands`` (causal, sliding
+windows, prefix LM), ``data`` (padding, documents, tensors, functions), ``sparse`` (patterns
+from the literature), ``tiles`` (the one tile planner every tiled kernel uses).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._validate import shape_str
-
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-def _index_grid(batch: int, heads: int, nq: int, nk: int, device) -> tuple[torch.Tensor, ...]:
+def index_grid(batch: int, heads: int, nq: int, nk: int, device) -> tuple[torch.Tensor, ...]:
     """Index tensors b (B,1,1,1), h (1,H,1,1), q (1,1,Nq,1) in key coordinates, k (1,1,1,Nk)."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, -1, 1, 1)
@@ -55,13 +56,35 @@ def gather_dense(t: torch.Tensor, nq: int, nk: int, b, h, q, k) -> torch.Tensor:
 
 
 class Mask:
-    """Base class of mask specs. Subclasses implement ``allows``; may override ``tiles``."""
+    """Base class of mask specs. Subclasses implement ``allows``; may override ``tiles``.
+
+    Structural properties (override where the answer is True / known; the defaults are the
+    safe answers for a spec that says nothing about itself):
+    - ``is_causal``: never lets query position i see a key j > i.
+    - ``window``: how many keys before the query's own position it may reach (None: unbounded).
+    - ``translation_invariant``: ``allows`` depends only on k - q (so it survives re-indexing,
+      e.g. in a sliding-window ring buffer, and one tile pattern serves every diagonal).
+    - ``key_only``: ``allows`` depends only on (b, h, k), not on the query (key padding).
+    - ``batch_size`` / ``num_heads``: the batch / head count its data is for (None: any).
+    """
+
+    is_causal: bool = False
+    window: int | None = None
+    translation_invariant: bool = False
+    key_only: bool = False
+    batch_size: int | None = None
+    num_heads: int | None = None
+    dense_tensor: torch.Tensor | None = None  # the tensor of a wrapped bool tensor (TensorMask)
 
     def allows(self, b, h, q, k, *, num_keys: int | None = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement allows()")
 
     def check(self, nq: int, nk: int, *, batch: int = 1, heads: int = 1) -> None:
         """Raise a ValueError if this spec cannot describe a (batch, heads, Nq, Nk) input."""
+
+    def conjuncts(self) -> tuple[Mask, ...]:
+        """The specs whose ``&`` this is (itself for anything but ``&``)."""
+        return (self,)
 
     def _size_hint(self) -> tuple[int, int] | None:
         """(Nq, Nk) the spec's data is for (None = any size), used by ``picture``."""
@@ -75,11 +98,18 @@ class Mask:
         return Or(_as_mask(self), _as_mask(other))
 
     # -- dense form -------------------------------------------------------------------------
-    def to_dense(self, nq: int, nk: int | None = None, *, batch: int = 1, heads: int = 1,
+    def to_dense(self, nq: int, nk: int | None = None, *, batch: int | None = None, heads: int | None = None,
                  device=None) -> torch.Tensor:
-        """Bool tensor of shape (batch, heads, Nq, Nk) (dims the mask ignores are broadcast)."""
-        nk = nq if nk is None else nk
-        b, h, q, k = _index_grid(batch, heads, nq, nk, device or self.device)
+        """Bool tensor of shape (batch, heads, Nq, Nk).
+
+        batch / heads default to the sizes the spec's data is for (``batch_size`` /
+        ``num_heads``, else 1), so a data spec is never silently cut to its first row.
+        """
+        nq, nk = _check_sizes("to_dense", nq, nq if nk is None else nk)
+        batch = (self.batch_size or 1) if batch is None else batch
+        heads = (self.num_heads or 1) if heads is None else heads
+        self.check(nq, nk, batch=batch, heads=heads)
+        b, h, q, k = index_grid(batch, heads, nq, nk, device or self.device)
         out = self.allows(b, h, q, k, num_keys=nk)
         return torch.broadcast_to(out, (batch, heads, nq, nk))
 
@@ -102,11 +132,20 @@ class Mask:
         if nq is None:
             nq, nk_hint = self._size_hint() or (16, 16)
             nk = nk_hint if nk is None else nk
-        dense = self.to_dense(nq, nk, batch=batch + 1, heads=head + 1)[batch, head]
+        nbatch = max(batch + 1, self.batch_size or 1)
+        nheads = max(head + 1, self.num_heads or 1)
+        dense = self.to_dense(nq, nk, batch=nbatch, heads=nheads)[batch, head]
         return "\n".join("".join("#" if x else "." for x in row.tolist()) for row in dense)
 
     def __str__(self) -> str:
         return f"{self!r}\n{self.picture()}"
+
+
+def _check_sizes(fn: str, nq, nk) -> tuple[int, int]:
+    for name, n in (("nq", nq), ("nk", nk)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{fn}: {name} must be an int >= 0, got {n!r}")
+    return nq, nk
 
 
 def evaluate_tiles(mask: Mask, nq: int, nk: int, block_q: int, block_k: int, *, batch: int = 1,
@@ -116,8 +155,7 @@ def evaluate_tiles(mask: Mask, nq: int, nk: int, block_q: int, block_k: int, *, 
     Memory O(B * H * block_q * Nk); time O(Nq * Nk) cheap integer work. Specs with a closed
     form override ``tiles`` instead.
     """
-    if block_q <= 0 or block_k <= 0:
-        raise ValueError(f"block_q and block_k must be > 0, got {block_q}, {block_k}")
+    check_tile_args(nq, nk, block_q, block_k)
     device = device or mask.device
     tq, tk = -(-nq // block_q), -(-nk // block_k)
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
@@ -137,6 +175,14 @@ def evaluate_tiles(mask: Mask, nq: int, nk: int, block_q: int, block_k: int, *, 
         all_ = (grid | ~valid).all(dim=-1).all(dim=2)
         rows.append(torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8))
     return torch.stack(rows, dim=2)  # (B', H', Tq, Tk)
+
+
+def check_tile_args(nq, nk, block_q, block_k) -> None:
+    """Sizes >= 0 and tile sizes >= 1, as ints (a clear error instead of a ZeroDivisionError)."""
+    _check_sizes("tiles", nq, nk)
+    for name, n in (("block_q", block_q), ("block_k", block_k)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tiles: {name} must be an int >= 1, got {n!r}")
 
 
 def _tile_bounds(nq: int, nk: int, block_q: int, block_k: int, device=None):
@@ -205,6 +251,22 @@ class _Composite(Mask):
     def _size_hint(self):
         return self.parts[0]._size_hint() or self.parts[1]._size_hint()
 
+    @property
+    def translation_invariant(self) -> bool:
+        return all(p.translation_invariant for p in self.parts)
+
+    @property
+    def key_only(self) -> bool:
+        return all(p.key_only for p in self.parts)
+
+    @property
+    def batch_size(self) -> int | None:
+        return max((p.batch_size or 0) for p in self.parts) or None
+
+    @property
+    def num_heads(self) -> int | None:
+        return max((p.num_heads or 0) for p in self.parts) or None
+
     def __repr__(self):
         return f"({self.parts[0]!r} {self.symbol} {self.parts[1]!r})"
 
@@ -212,6 +274,18 @@ class _Composite(Mask):
 class And(_Composite):
     symbol = "&"
     _op = staticmethod(torch.logical_and)
+
+    @property
+    def is_causal(self) -> bool:
+        return any(p.is_causal for p in self.parts)
+
+    @property
+    def window(self) -> int | None:
+        ws = [p.window for p in self.parts if p.window is not None]
+        return min(ws) if ws else None
+
+    def conjuncts(self) -> tuple[Mask, ...]:
+        return tuple(c for p in self.parts for c in p.conjuncts())
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
@@ -222,138 +296,17 @@ class Or(_Composite):
     symbol = "|"
     _op = staticmethod(torch.logical_or)
 
+    @property
+    def is_causal(self) -> bool:
+        return all(p.is_causal for p in self.parts)
+
+    @property
+    def window(self) -> int | None:
+        ws = [p.window for p in self.parts]
+        return None if any(w is None for w in ws) else max(ws)
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         x, y = (p.tiles(nq, nk, block_q, block_k, batch=batch, heads=heads, device=device) for p in self.parts)
         return torch.maximum(x, y)  # FULL if either is full; EMPTY only if both are empty
 
 
-# ---------------------------------------------------------------------------------------------
-# Positional bands: causal, sliding window, prefix LM
-# ---------------------------------------------------------------------------------------------
-
-
-class Band(Mask):
-    """Keys at offset k - q in [lo, hi] (either end may be None = unbounded)."""
-
-    def __init__(self, lo: int | None, hi: int | None, name: str):
-        self.lo, self.hi, self.name = lo, hi, name
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        d = k - q
-        out = torch.ones_like(d, dtype=torch.bool)
-        if self.lo is not None:
-            out = out & (d >= self.lo)
-        if self.hi is not None:
-            out = out & (d <= self.hi)
-        return out
-
-    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
-        dmin, dmax = k0 - q1, k1 - q0
-        full = torch.ones_like(dmin, dtype=torch.bool)
-        empty = torch.zeros_like(dmin, dtype=torch.bool)
-        if self.lo is not None:
-            full &= dmin >= self.lo
-            empty |= dmax < self.lo
-        if self.hi is not None:
-            full &= dmax <= self.hi
-            empty |= dmin > self.hi
-        return _classify(full, empty)
-
-    def __repr__(self):
-        return self.name
-
-
-def causal() -> Mask:
-    """Query at position i attends keys j <= i (bottom-right aligned when Nq != Nk)."""
-    return Band(None, 0, "causal()")
-
-
-def sliding_window(left: int, right: int = 0) -> Mask:
-    """Keys j with i - left <= j <= i + right. right=0 is a causal sliding window.
-
-    Mistral-style window W (including the query itself) is ``sliding_window(W - 1)``.
-    """
-    for name, val in (("left", left), ("right", right)):
-        if not isinstance(val, int) or val < 0:
-            raise ValueError(f"sliding_window: {name} must be an int >= 0, got {val!r}")
-    return Band(-left, right, f"sliding_window({left}, {right})")
-
-
-class PrefixLM(Mask):
-    """Bidirectional over the first ``prefix_len`` keys, causal after (T5/UniLM prefix LM)."""
-
-    def __init__(self, prefix_len):
-        if isinstance(prefix_len, torch.Tensor):
-            if prefix_len.dim() != 1 or prefix_len.dtype in (torch.bool,) or prefix_len.is_floating_point():
-                raise ValueError(f"prefix_lm: prefix_len tensor must be 1-D integer (B,), got {prefix_len.dtype} {shape_str(prefix_len)}")
-            if (prefix_len < 0).any():
-                raise ValueError(f"prefix_lm: prefix_len must be >= 0, got {prefix_len.tolist()}")
-            self.prefix = prefix_len.to(torch.int64)
-        elif isinstance(prefix_len, int) and not isinstance(prefix_len, bool) and prefix_len >= 0:
-            self.prefix = prefix_len
-        else:
-            raise ValueError(f"prefix_lm: prefix_len must be an int >= 0 or a (B,) int tensor, got {prefix_len!r}")
-
-    def _prefix(self, b):
-        if isinstance(self.prefix, int):
-            return self.prefix
-        return self.prefix.to(b.device)[b]
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        return (k <= q) | (k < self._prefix(b))
-
-    @property
-    def device(self):
-        return self.prefix.device if isinstance(self.prefix, torch.Tensor) else torch.device("cpu")
-
-    def check(self, nq, nk, *, batch=1, heads=1):
-        if isinstance(self.prefix, torch.Tensor) and self.prefix.shape[0] != batch:
-            raise ValueError(f"prefix_lm: prefix_len has {self.prefix.shape[0]} entries, expected batch size B={batch}")
-
-    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        self.check(nq, nk, batch=batch, heads=heads)
-        q0, q1, k0, k1 = _tile_bounds(nq, nk, block_q, block_k, device)
-        if isinstance(self.prefix, int):
-            p = self.prefix
-        else:
-            p = self.prefix.to(q0.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        full = (k1 <= q0) | (k1 < p)
-        empty = (k0 > q1) & (k0 >= p)
-        return _classify(full, empty)
-
-    def __repr__(self):
-        p = self.prefix if isinstance(self.prefix, int) else f"tensor{tuple(self.prefix.shape)}"
-        return f"prefix_lm({p})"
-
-
-def prefix_lm(prefix_len) -> Mask:
-    return PrefixLM(prefix_len)
-
-
-from .data_masks import (  # noqa: E402  (they subclass Mask, defined above)
-    Document,
-    FunctionMask,
-    KeyPadding,
-    KeyValid,
-    TensorMask,
-    document,
-    from_function,
-    key_padding,
-    key_padding_from_bool,
-)
-from .sparse_masks import (  # noqa: E402
-    bigbird,
-    block_sparse,
-    dilated,
-    fixed,
-    global_tokens,
-    strided,
-)
-
-__all__ = [
-    "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "prefix_lm", "key_padding",
-    "key_padding_from_bool", "document", "from_function", "dilated", "strided", "fixed",
-    "block_sparse", "global_tokens", "bigbird", "evaluate_tiles",
-    "Band", "PrefixLM", "And", "Or", "KeyPadding", "KeyValid", "Document", "TensorMask", "FunctionMask",
-]

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnkit import attention, masks
-from attnkit.linformer import LinformerAttention, LinformerOptions, LinformerProjections, linformer_attention
+from attnkit import LinformerAttention, attention, masks
+from attnkit.variants.linformer import Linformer, LinformerCore, linformer_attention
 from tests.tolerances import tol
 
 F64 = torch.float64
@@ -47,7 +47,7 @@ def test_matches_formula_forward_backward(B, Hk, groups, Nq, Nk, extra, D, Dv, K
     f = e if share else torch.randn(shape, generator=g, dtype=F64, requires_grad=True)
     lengths = torch.randint(0, Nk + 1, (B,), generator=g) if padded else None
     kp = masks.key_padding(lengths) if padded else None
-    out = linformer_attention(q, k, v, e, None if share else f, key_padding=kp)
+    out = linformer_attention(q, k, v, e, None if share else f, mask=kp)
     ref = formula(q, k, v, e, f, lengths)
     torch.testing.assert_close(out, ref, **tol(F64))
     ts = (q, k, v, e) if share else (q, k, v, e, f)
@@ -61,7 +61,7 @@ def test_padding_equals_unpadded_sequence_and_padded_keys_get_no_gradient():
     q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
     e, f = torch.randn(Kp, 16, generator=g, dtype=F64), torch.randn(Kp, 16, generator=g, dtype=F64)
     lengths = torch.tensor([10, 6])
-    out = linformer_attention(q, k, v, e, f, key_padding=masks.key_padding(lengths))
+    out = linformer_attention(q, k, v, e, f, mask=masks.key_padding(lengths))
     # Batch element 1 equals its unpadded 6-key sequence (the first 6 columns of E, F).
     short = linformer_attention(q[1:], k[1:, :, :6], v[1:, :, :6], e, f)
     torch.testing.assert_close(out[1:], short, **tol(F64))
@@ -69,7 +69,7 @@ def test_padding_equals_unpadded_sequence_and_padded_keys_get_no_gradient():
     assert gk[1, :, 6:].abs().max() == 0 and gv[1, :, 6:].abs().max() == 0
     # The bool form (True = padding) gives the same numbers.
     is_pad = torch.arange(N)[None, :] >= lengths[:, None]
-    out2 = linformer_attention(q, k, v, e, f, key_padding=masks.key_padding_from_bool(is_pad))
+    out2 = linformer_attention(q, k, v, e, f, mask=masks.key_padding_from_bool(is_pad))
     torch.testing.assert_close(out2, out, **tol(F64))
 
 
@@ -77,7 +77,7 @@ def test_fully_padded_sequence_gives_zeros_and_finite_gradients():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 1, 5, 3, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
     e = torch.randn(4, 5, generator=g, dtype=F64, requires_grad=True)
-    out = linformer_attention(q, k, v, e, key_padding=masks.key_padding(torch.tensor([5, 0])))
+    out = linformer_attention(q, k, v, e, mask=masks.key_padding(torch.tensor([5, 0])))
     assert out[1].abs().max() == 0
     for t in torch.autograd.grad(out.sum(), (q, k, v, e)):
         assert torch.isfinite(t).all()
@@ -96,10 +96,8 @@ def test_float32_close_to_float64():
 def test_errors_name_the_problem():
     q = k = v = torch.randn(1, 2, 6, 4)
     e = torch.randn(3, 6)
-    with pytest.raises(ValueError, match="causal=True is not supported"):
-        linformer_attention(q, k, v, e, causal=True)
-    with pytest.raises(ValueError, match="honours only key padding"):
-        linformer_attention(q, k, v, e, key_padding=masks.causal())
+    with pytest.raises(ValueError, match=r"Linformer cannot honour the mask causal\(\): every projected key mixes"):
+        linformer_attention(q, k, v, e, mask=masks.causal())
     with pytest.raises(ValueError, match="up to L=5 but the keys have Nk=6"):
         linformer_attention(q, k, v, torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"\(Hk, Kp, L\) with Hk=2"):
@@ -107,23 +105,24 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="same shape as e"):
         linformer_attention(q, k, v, e, torch.randn(4, 6))
     with pytest.raises(ValueError, match="lengths has 2 entries"):
-        linformer_attention(q, k, v, e, key_padding=masks.key_padding(torch.tensor([3, 4])))
+        linformer_attention(q, k, v, e, mask=masks.key_padding(torch.tensor([3, 4])))
     with pytest.raises(ValueError, match="sharing must be one of"):
-        LinformerOptions(max_len=8, sharing="layer")
+        Linformer(max_len=8, sharing="layer")
 
 
 def test_sharing_options_and_layerwise_sharing():
-    opts = LinformerOptions(max_len=12, proj_dim=4, sharing="none")
-    p = LinformerProjections(opts, kv_heads=3)
+    p = LinformerCore(Linformer(max_len=12, proj_dim=4, sharing="none"), num_kv_heads=3)
     assert p.e.shape == (3, 4, 12) and p.f.shape == (3, 4, 12)
-    kv = LinformerProjections(LinformerOptions(max_len=12, proj_dim=4, sharing="kv"))
+    kv = LinformerCore(Linformer(max_len=12, proj_dim=4, sharing="kv"))
     assert kv.e.shape == (4, 12) and kv.f is None
-    shared = LinformerProjections(LinformerOptions(max_len=12, proj_dim=4, sharing="kv"))
-    a = LinformerAttention(8, 2, shared.options, projections=shared)
-    b = LinformerAttention(8, 2, shared.options, projections=shared)
-    assert a.projections.e is b.projections.e  # layerwise: one E for every layer, head, key and value
+    a = LinformerAttention(8, 2, max_len=12, proj_dim=4, sharing="kv")
+    b = LinformerAttention(8, 2, max_len=12, proj_dim=4, sharing="kv")
+    b.core.e = a.core.e  # layerwise sharing: one E for every layer, head, key and value
+    assert a.core.e is b.core.e and len(list(b.parameters())) == len(list(a.parameters()))
     x = torch.randn(2, 12, 8)
-    assert a(x).shape == (2, 12, 8)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    assert a.core.e.grad is not None
 
 
 @pytest.mark.parametrize("share_kv", [False, True])
@@ -133,16 +132,18 @@ def test_matches_lucidrains_linformer_same_weights(share_kv, n):
     torch.manual_seed(3)
     dim, heads, seq_len, kp = 12, 3, 16, 5
     peer = linformer.LinformerSelfAttention(dim, seq_len, k=kp, heads=heads, share_kv=share_kv).double().eval()
-    opts = LinformerOptions(max_len=seq_len, proj_dim=kp, sharing="kv" if share_kv else "headwise")
-    ours = LinformerAttention(dim, heads, opts).double()
+    ours = LinformerAttention(dim, heads, max_len=seq_len, proj_dim=kp, sharing="kv" if share_kv else "headwise")
+    ours = ours.double()
     with torch.no_grad():
-        ours.to_q.weight.copy_(peer.to_q.weight)
-        ours.to_k.weight.copy_(peer.to_k.weight)
-        ours.to_v.weight.copy_(peer.to_k.weight if share_kv else peer.to_v.weight)
-        ours.to_out.weight.copy_(peer.to_out.weight)
-        ours.to_out.bias.copy_(peer.to_out.bias)
-        ours.projections.e.copy_(peer.proj_k.T)  # the peer stores (L, Kp)
+        ours.q_proj.weight.copy_(peer.to_q.weight)
+        ours.k_proj.weight.copy_(peer.to_k.weight)
+        ours.v_proj.weight.copy_(peer.to_k.weight if share_kv else peer.to_v.weight)
+        for lin in (ours.q_proj, ours.k_proj, ours.v_proj):
+            lin.bias.zero_()  # the peer's q/k/v projections have no bias
+        ours.out_proj.weight.copy_(peer.to_out.weight)
+        ours.out_proj.bias.copy_(peer.to_out.bias)
+        ours.core.e.copy_(peer.proj_k.T)  # the peer stores (L, Kp)
         if not share_kv:
-            ours.projections.f.copy_(peer.proj_v.T)
+            ours.core.f.copy_(peer.proj_v.T)
     x = torch.randn(2, n, dim, dtype=F64)
     torch.testing.assert_close(ours(x), peer(x), **tol(F64))

@@ -145,8 +145,11 @@ def test_kv_cache_checks_shapes_batch_dtype():
         c.update(torch.zeros(3, 2, 1, 4, dtype=F64), torch.zeros(3, 2, 1, 4, dtype=F64))
     with pytest.raises(ValueError, match="num_kv_heads=2"):
         c.update(torch.zeros(1, 3, 1, 4, dtype=F64), torch.zeros(1, 3, 1, 4, dtype=F64))
-    with pytest.raises(TypeError, match="dtype"):
-        c.update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    with pytest.raises(TypeError, match="floating point"):
+        c.update(torch.zeros(1, 2, 1, 4, dtype=torch.long), torch.zeros(1, 2, 1, 4, dtype=torch.long))
+    k, _, _ = c.update(torch.full((1, 2, 1, 4), 0.5, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 4))  # cast on write
+    assert k.dtype == F64 and k[0, 0, 0, 0] == 0.5
+    c.reset()
     c.update(torch.zeros(1, 2, 1, 4, dtype=F64), torch.zeros(1, 2, 1, 4, dtype=F64))
     with pytest.raises(ValueError, match="differs from the batch 1"):
         c.update(torch.zeros(2, 2, 1, 4, dtype=F64), torch.zeros(2, 2, 1, 4, dtype=F64))
@@ -197,7 +200,7 @@ def test_cache_type_errors():
     causal = _module("causal")
     with pytest.raises(TypeError, match="RecurrentState"):
         _module("linear")(torch.randn(1, 2, 16, dtype=F64), cache=KVCache(1, 4, 4, 4, F64))
-    with pytest.raises(TypeError, match="StaticKV is for cross-attention"):
+    with pytest.raises(TypeError, match="got StaticKV for self-attention"):
         causal(torch.randn(1, 2, 16, dtype=F64), cache=StaticKV())
     with pytest.raises(TypeError, match="StaticKV"):
         causal(torch.randn(1, 2, 16, dtype=F64), context=torch.randn(1, 3, 16, dtype=F64), cache=KVCache(1, 4, 4, 4, F64))

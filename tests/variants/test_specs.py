@@ -20,11 +20,9 @@ from attnkit.nn import (
     Rope,
     Shaw,
     Softmax,
-    can_decode,
     check_combination,
 )
-from attnkit.nn._cores import require
-from attnkit.nn.specs import mask_is_causal, mask_is_relative, mask_window
+from attnkit.variants import REGISTRY, variant_class
 
 
 def test_specs_are_frozen_hashable_data():
@@ -41,8 +39,13 @@ def test_specs_are_frozen_hashable_data():
     (lambda: Softmax(scale=0.0), "scale"),
     (lambda: Performer(num_features=0), "num_features"),
     (lambda: Linformer(max_len=0), "max_len"),
-    (lambda: Linformer(max_len=8, causal=True), "non-causal"),
-    (lambda: Nystrom(causal=True), "non-causal"),
+    (lambda: Linformer(max_len=8, sharing="rows"), "sharing"),
+    (lambda: Nystrom(conv_kernel_size=4), "odd"),
+    (lambda: Linear(feature_map="elu"), "feature_map must be one of"),
+    (lambda: Linear(causal=1), "causal must be a bool"),
+    (lambda: Performer(stabilizer="paper2"), "stabilizer"),
+    (lambda: Performer(eps=1e-4), "needs stabilizer='paper'"),
+    (lambda: LSH(seed=1.5), "seed must be an int"),
     (lambda: LSH(bucket_size=0), "bucket_size"),
     (lambda: Rope(rotary_dim=3), "even"),
     (lambda: T5(num_buckets=1), "num_buckets"),
@@ -59,10 +62,12 @@ def test_invalid_specs_raise_with_reason(make, match):
     (Performer(), T5(), "never forms"),
     (Nystrom(), Shaw(), "never forms"),
     (Additive(), Rope(), "tanh"),
-    (Softmax(), XL(), "needs a causal mask"),
-    (Softmax(mask=M.sliding_window(4, 2)), XL(), "needs a causal mask"),
-    ("softmax", None, "attention must be one of"),
-    (Softmax(), "rope", "position must be None or one of"),
+    (Softmax(), XL(), "needs a causal variant"),
+    (Softmax(mask=M.sliding_window(4, 2)), XL(), "needs a causal variant"),
+    (Softmax(softcap=5.0, mask=M.causal()), Shaw(), "no softcap"),
+    (Softmax(backend="sdpa"), Shaw(), "own kernel"),
+    ("softmax", None, "attention must be a variant spec"),
+    (Softmax(), "rope", "position must be None or a position spec"),
 ])
 def test_invalid_combinations_fail_at_construction(att, pos, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -116,34 +121,53 @@ def test_errors_known_only_at_forward():
         MultiHeadAttention(8, 2, attention=Linear())(x, mask=M.sliding_window(1))
     with pytest.raises(ValueError, match="need_weights=True"):
         MultiHeadAttention(8, 2, attention=Linear())(x, need_weights=True)
-    with pytest.raises(ValueError, match="Nq == Nk"):
+    with pytest.raises(ValueError, match="self-attention only"):
         MultiHeadAttention(8, 2, attention=LSH(bucket_size=2))(x, context=ctx)
     with pytest.raises(ValueError, match="cannot decode"):
         MultiHeadAttention(8, 2, attention=Nystrom(num_landmarks=2)).make_cache(1, 8)
 
 
-def test_can_decode_reasons():
-    assert can_decode(Softmax(mask=M.causal()), None) is None
-    assert can_decode(Softmax(mask=M.sliding_window(3) & M.causal()), Rope()) is None
-    assert can_decode(Linear(causal=True), None) is None
-    assert "not causal" in can_decode(Softmax(), None)
-    assert "causal=True" in can_decode(Performer(), None)
-    assert "non-causal" in can_decode(Linformer(max_len=4), None)
-    assert "incremental" in can_decode(LSH(causal=True), None)
+def test_decode_reasons():
+    assert Softmax(mask=M.causal()).decode_reason() is None
+    assert (Softmax(mask=M.sliding_window(3) & M.causal())).decode_reason() is None
+    assert Linear(causal=True).decode_reason() is None
+    assert "not causal" in Softmax().decode_reason()
+    assert "causal=True" in Performer().decode_reason()
+    assert "non-causal" in Linformer(max_len=4).decode_reason()
+    assert "incremental" in LSH(causal=True).decode_reason()
+    # the Sparse Transformer's strided head decodes (issue 10): strided is causal
+    assert Softmax(mask=M.sliding_window(3) | M.strided(4)).decode_reason() is None
 
 
-def test_mask_structure_helpers():
-    assert mask_is_causal(M.causal()) and mask_is_causal(M.sliding_window(3))
-    assert not mask_is_causal(M.sliding_window(3, 1)) and not mask_is_causal(None)
-    assert mask_is_causal(M.causal() & M.prefix_lm(3))
-    assert not mask_is_causal(M.causal() | M.prefix_lm(3))
-    assert mask_window(M.sliding_window(5)) == 5 and mask_window(M.causal()) is None
-    assert mask_window(M.causal() & M.sliding_window(2)) == 2
-    assert mask_window(M.sliding_window(2) | M.sliding_window(6)) == 6
-    assert mask_is_relative(M.causal() & M.sliding_window(2))
-    assert not mask_is_relative(M.causal() & M.prefix_lm(2))
+def test_causal_versions():
+    assert Softmax().causal_version() == Softmax(mask=M.causal())
+    assert Softmax(mask=M.causal()).causal_version() == Softmax(mask=M.causal())
+    assert Linear().causal_version() == Linear(causal=True)
+    assert Performer(num_features=8).causal_version() == Performer(num_features=8, causal=True)
+    assert LSH().causal_version().causal
+    for spec in (Linformer(max_len=4), Nystrom()):
+        with pytest.raises(ValueError, match="non-causal by construction"):
+            spec.causal_version()
 
 
-def test_missing_module_message():
-    with pytest.raises(ValueError, match="not available: attnkit.no_such_variant is missing"):
-        require("no_such_variant")
+def test_mask_structure_is_answered_by_the_mask():
+    assert M.causal().is_causal and M.sliding_window(3).is_causal
+    assert not M.sliding_window(3, 1).is_causal
+    assert (M.causal() & M.prefix_lm(3)).is_causal
+    assert not (M.causal() | M.prefix_lm(3)).is_causal
+    assert (M.sliding_window(3) | M.strided(4)).is_causal and M.dilated(3, 2).is_causal
+    assert M.sliding_window(5).window == 5 and M.causal().window is None
+    assert (M.causal() & M.sliding_window(2)).window == 2
+    assert (M.sliding_window(2) | M.sliding_window(6)).window == 6
+    assert (M.causal() & M.sliding_window(2)).translation_invariant
+    assert not (M.causal() & M.prefix_lm(2)).translation_invariant
+    assert M.key_padding(torch.tensor([2, 3])).key_only and not M.causal().key_only
+    assert (M.causal() & M.key_padding(torch.tensor([2]))).conjuncts()[0] == M.causal()
+
+
+def test_registry_words_build_their_specs():
+    assert list(REGISTRY) == ["softmax", "additive", "linear", "performer", "linformer", "nystrom", "lsh"]
+    for word, cls in REGISTRY.items():
+        assert variant_class(word) is cls and cls.name == word
+    with pytest.raises(ValueError, match="unknown attention variant 'flash'; registered: softmax, additive"):
+        variant_class("flash")

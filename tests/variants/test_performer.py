@@ -17,12 +17,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnkit import PerformerAttention
 from attnkit import masks as M
-from attnkit.feature_maps import draw_favor_projection, favor_features
-from attnkit.performer import FavorConfig, PerformerAttention, performer_attention, performer_attention_step
+from attnkit.variants.performer import (
+    draw_favor_projection,
+    favor_features,
+    performer_attention,
+    performer_attention_step,
+)
 from tests.strategies import make_qkv, shapes
-from tests.test_linear import naive_linear
 from tests.tolerances import assert_close
+from tests.variants.test_linear import naive_linear
 
 
 def _proj(m, d, seed=0):
@@ -132,39 +137,39 @@ def test_performer_pytorch_counts_padded_keys_in_the_normaliser_and_we_do_not():
 
 
 def test_module_redraw_policy_and_seed():
-    cfg = FavorConfig(num_features=12, redraw_interval=2, seed=7)
-    a, b = PerformerAttention(16, 2, config=cfg), PerformerAttention(16, 2, config=cfg)
-    assert torch.equal(a.projection, b.projection)                          # seeded
-    assert PerformerAttention(16, 2).projection.shape == (int(8 * math.log(8)), 8)
+    cfg = {"num_features": 12, "redraw_interval": 2, "seed": 7}
+    a, b = PerformerAttention(16, 2, **cfg), PerformerAttention(16, 2, **cfg)
+    assert torch.equal(a.core.projection, b.core.projection)                # seeded
+    assert PerformerAttention(16, 2).core.projection.shape == (int(8 * math.log(8)), 8)
     x = torch.randn(1, 5, 16)
-    p0 = a.projection.clone()
+    p0 = a.core.projection.clone()
     a.train()
     a(x)
     a(x)
-    assert torch.equal(a.projection, p0)                                    # calls 1, 2 use the first draw
+    assert torch.equal(a.core.projection, p0)                                    # calls 1, 2 use the first draw
     a(x)
-    p1 = a.projection.clone()
+    p1 = a.core.projection.clone()
     assert not torch.equal(p1, p0)                                          # call 3 redraws
     a.eval()
     for _ in range(4):
         a(x)
-    assert torch.equal(a.projection, p1)                                    # never in eval mode
+    assert torch.equal(a.core.projection, p1)                                    # never in eval mode
     a.redraw()
-    assert not torch.equal(a.projection, p1)
+    assert not torch.equal(a.core.projection, p1)
     b.train()
     for _ in range(3):
         b(x)
     b.redraw()
-    assert torch.equal(a.projection, b.projection)                          # same sequence of draws
+    assert torch.equal(a.core.projection, b.core.projection)                          # same sequence of draws
 
 
 def test_module_padding_and_causal():
     torch.manual_seed(1)
-    mod = PerformerAttention(16, 2, causal=True, config=FavorConfig(num_features=32)).double()
+    mod = PerformerAttention(16, 2, causal=True, num_features=32).double()
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     y = mod(x)
     assert_close(y[:, :5], mod(x[:, :5]))
-    enc = PerformerAttention(16, 2, config=FavorConfig(num_features=32)).double()
+    enc = PerformerAttention(16, 2, num_features=32).double()
     is_pad = torch.zeros(2, 9, dtype=torch.bool)
     is_pad[0, 6:] = True
     out = enc(x, key_padding_mask=is_pad)
@@ -183,7 +188,9 @@ def test_errors():
     with pytest.raises(ValueError, match="cannot honour the mask sliding_window"):
         performer_attention(q, k, v, projection=w, mask=M.sliding_window(2))
     with pytest.raises(ValueError, match="redraw_interval"):
-        PerformerAttention(16, 2, config=FavorConfig(redraw_interval=0))
+        PerformerAttention(16, 2, redraw_interval=0)
+    with pytest.raises(TypeError, match="projection must be a floating-point tensor"):
+        performer_attention(q, k, v, projection=torch.ones(8, 4, dtype=torch.long))
 
 
 def test_scale_argument_sets_the_softmax_temperature():

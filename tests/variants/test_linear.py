@@ -13,9 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnkit import LinearAttention
 from attnkit import masks as M
-from attnkit.feature_maps import elu_plus_one
-from attnkit.linear import LinearAttention, LinearState, linear_attention, linear_attention_step
+from attnkit.variants.linear import LinearState, elu_plus_one, linear_attention, linear_attention_step
 from tests.strategies import make_qkv, shapes
 from tests.tolerances import assert_close
 

@@ -22,69 +22,42 @@ key returns zeros and gets zero gradient. Half/bfloat16 inputs are computed in f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import _validate as V
-from .feature_maps import elu_plus_one
-from .masks import And, Band, KeyPadding, KeyValid, Mask
+from .. import _validate as V
+from .._numerics import compute_dtype, expand_kv
+from ..caches import RecurrentState
+from .base import Variant, check_bool, pos_int, split_key_mask
 
 _REASON = ("linear attention sums phi(k_j) v_j^T over keys once for all queries (or as a prefix sum "
            "when causal), so it can honour only masks that depend on the key alone (padding), causal, "
            "or both")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1 > 0, elementwise (B, H, N, D) -> (B, H, N, D). Katharopoulos et al. 2020."""
+    return F.elu(x).add_(1.0)  # in place: elu's backward reads its input, not its output
 
 
-# ---------------------------------------------------------------------------------------------
-# Masks: what linear attention can honour
-# ---------------------------------------------------------------------------------------------
+FEATURE_MAPS = {"elu+1": elu_plus_one}
 
 
-def key_only_mask(mask, *, batch: int, heads: int, nq: int, nk: int, device,
-                  variant: str = "linear attention") -> tuple[bool, torch.Tensor | None]:
-    """Split a mask into (causal, key_valid (B', H', Nk) bool or None), or raise with the reason.
-
-    Accepts None, ``masks.causal()``, ``masks.key_padding(lengths)``,
-    ``masks.key_padding_from_bool(is_pad)``, their ``&``, and bool tensors broadcastable to
-    (B, H, Nq, Nk) whose query dimension is 1 (e.g. (B, 1, 1, Nk)), True = may attend.
-    """
-    if mask is None:
-        return False, None
-    if isinstance(mask, torch.Tensor):
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = may attend), got dtype {mask.dtype}")
-        V.check_broadcastable("mask", mask, (batch, heads, nq, nk), "(B, H, Nq, Nk)")
-        t = mask
-        while t.dim() < 4:
-            t = t.unsqueeze(0)
-        if t.shape[2] != 1 or t.shape[3] != nk:
-            raise ValueError(
-                f"{variant} cannot honour a bool mask of shape {V.shape_str(mask)}: {_REASON}; "
-                "pass a key mask of shape (B, 1, 1, Nk) (True = real key) and causal=True if needed")
-        return False, t[:, :, 0, :].to(device)                        # (B', H', Nk)
-    if not isinstance(mask, Mask):
-        raise TypeError(f"mask must be None, a bool tensor or an attnkit.masks spec, got {type(mask).__name__}")
-    mask.check(nq, nk, batch=batch, heads=heads)
-    if isinstance(mask, Band) and mask.lo is None and mask.hi == 0:
-        return True, None
-    if isinstance(mask, KeyPadding):
-        pos = torch.arange(nk, device=device)
-        return False, (pos.view(1, -1) < mask.lengths.to(device).view(-1, 1)).unsqueeze(1)  # (B, 1, Nk)
-    if isinstance(mask, KeyValid):
-        return False, mask.valid.to(device).unsqueeze(1)               # (B, 1, Nk)
-    if isinstance(mask, And):
-        parts = [key_only_mask(p, batch=batch, heads=heads, nq=nq, nk=nk, device=device, variant=variant)
-                 for p in mask.parts]
-        valids = [p[1] for p in parts if p[1] is not None]
-        valid = valids[0] if len(valids) == 1 else (valids[0] & valids[1] if valids else None)
-        return parts[0][0] or parts[1][0], valid
-    raise ValueError(f"{variant} cannot honour the mask {mask!r}: {_REASON}")
+def feature_map_fn(feature_map) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A feature map given by name (``"elu+1"``) or as a callable."""
+    if isinstance(feature_map, str):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {feature_map!r}")
+        return FEATURE_MAPS[feature_map]
+    if not callable(feature_map):
+        raise TypeError(f"feature_map must be a name ({sorted(FEATURE_MAPS)}) or a callable, "
+                        f"got {type(feature_map).__name__}")
+    return feature_map
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,10 +99,6 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
         return num / (den + eps).unsqueeze(-1)
     safe = torch.where(ok, den + eps, torch.ones_like(den))
     return torch.where(ok.unsqueeze(-1), num / safe.unsqueeze(-1), torch.zeros_like(num))
-
-
-def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)  # (B, Hk, N, .) -> (B, Hq, N, .)
 
 
 def _check_state(state: LinearState | None, phi_q: torch.Tensor, dv: int) -> None:
@@ -197,8 +166,8 @@ def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
     _check_state(state, phi_q, Dv)
     if causal and state is not None and Nq != Nk:
         raise ValueError(f"causal linear attention with a state needs Nq == Nk (one query per new key), got {Nq} and {Nk}")
-    pk = _expand_heads(phi_k, Hq // Hk)                               # (B, Hq, Nk, F)
-    vv = _expand_heads(v, Hq // Hk)                                   # (B, Hq, Nk, Dv)
+    pk = expand_kv(phi_k, Hq // Hk)                               # (B, Hq, Nk, F)
+    vv = expand_kv(v, Hq // Hk)                                   # (B, Hq, Nk, Dv)
     if key_valid is not None:
         valid = key_valid.unsqueeze(-1)                               # (B', H', Nk, 1)
         pk = torch.where(valid, pk, torch.zeros((), dtype=pk.dtype, device=pk.device))
@@ -244,8 +213,8 @@ def linear_step_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
     if phi_k.shape[2] != T or v.shape[2] != T:
         raise ValueError(f"step needs as many keys as queries, got Nq={T}, Nk={phi_k.shape[2]}")
     _check_state(state, phi_q, v.shape[-1])
-    pk = _expand_heads(phi_k, Hq // phi_k.shape[1])                  # (B, Hq, T, F)
-    vv = _expand_heads(v, Hq // v.shape[1])                          # (B, Hq, T, Dv)
+    pk = expand_kv(phi_k, Hq // phi_k.shape[1])                  # (B, Hq, T, F)
+    vv = expand_kv(v, Hq // v.shape[1])                          # (B, Hq, T, Dv)
     kv, z = state.kv.to(phi_q.dtype), state.k_sum.to(phi_q.dtype)
     outs = []
     for t in range(T):
@@ -264,26 +233,31 @@ def linear_step_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tens
 
 
 def _features(feature_map, x: torch.Tensor, name: str) -> torch.Tensor:
-    out = feature_map(x)
+    out = feature_map_fn(feature_map)(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[:3] != x.shape[:3]:
         got = V.shape_str(out) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"feature_map({name}) must return (B, H, N, F) for {name} of shape {V.shape_str(x)}, got {got}")
+    if bool((out < 0).any()):
+        raise ValueError(f"feature_map({name}) returned negative values (min {float(out.min()):.3g}); linear "
+                         "attention needs phi >= 0 so that its normaliser stays positive (e.g. elu(x) + 1)")
     return out
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     feature_map: Callable[[torch.Tensor], torch.Tensor] = elu_plus_one, causal: bool = False,
+                     feature_map: str | Callable[[torch.Tensor], torch.Tensor] = "elu+1", causal: bool = False,
                      mask=None, chunk_size: int = 64, eps: float = 0.0, state: LinearState | None = None,
                      return_state: bool = False):
     """Linear attention out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j) (Katharopoulos et al. 2020).
 
     Args:
         q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), Hq a multiple of Hk.
-        feature_map: (B, H, N, D) -> (B, H, N, F), non-negative; default elu(x) + 1 (no scale).
+        feature_map: "elu+1" (elu(x) + 1, no scale) or a callable (B, H, N, D) -> (B, H, N, F)
+            with non-negative outputs.
         causal: bottom-right aligned (query i at key position i + Nk - Nq).
-        mask: None, ``masks.causal()``, ``masks.key_padding(lengths)``,
-            ``masks.key_padding_from_bool(is_pad)``, their ``&``, or a bool key mask
-            (B, 1, 1, Nk) with True = real key. Other masks raise (see the module docstring).
+        mask: as ``attnkit.attention`` (a spec or a bool tensor, True = may attend), restricted
+            to what linear attention can honour: ``masks.causal()``, key padding
+            (``masks.key_padding``, ``key_padding_from_bool``, a bool (B, 1, 1, Nk) tensor) and
+            their ``&``. Other masks raise (see the module docstring).
         chunk_size: C for the causal chunked form (quadratic within a chunk).
         eps: added to a positive normaliser (the paper's code uses 1e-6); default 0.
         state / return_state: continue from / return a ``LinearState`` (prefill before ``linear_attention_step``).
@@ -294,8 +268,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     V.check_qkv(q, k, v)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
-    is_causal, valid = key_only_mask(mask, batch=B, heads=Hq, nq=Nq, nk=Nk, device=q.device)
-    ct = _compute_dtype(q.dtype)
+    is_causal, valid = split_key_mask(mask, batch=B, heads=Hq, nq=Nq, nk=Nk, device=q.device,
+                                      variant="linear attention", reason=_REASON)
+    ct = compute_dtype(q.dtype)
     phi_q = _features(feature_map, q.to(ct), "q")                     # (B, Hq, Nq, F)
     phi_k = _features(feature_map, k.to(ct), "k")                     # (B, Hk, Nk, F)
     res = linear_attention_features(phi_q, phi_k, v.to(ct), causal=causal or is_causal, key_valid=valid,
@@ -306,7 +281,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState | None = None, *,
-                          feature_map: Callable[[torch.Tensor], torch.Tensor] = elu_plus_one,
+                          feature_map: str | Callable[[torch.Tensor], torch.Tensor] = "elu+1",
                           eps: float = 0.0) -> tuple[torch.Tensor, LinearState]:
     """Decode T >= 1 new tokens recurrently (causal): q (B, Hq, T, D), k (B, Hk, T, D), v (B, Hk, T, Dv).
 
@@ -314,7 +289,7 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     parallel form over the whole sequence. Cost O(F Dv) per token, independent of the position.
     """
     V.check_qkv(q, k, v)
-    ct = _compute_dtype(q.dtype)
+    ct = compute_dtype(q.dtype)
     phi_q = _features(feature_map, q.to(ct), "q")                     # (B, Hq, T, F)
     phi_k = _features(feature_map, k.to(ct), "k")                     # (B, Hk, T, F)
     if state is None:
@@ -324,39 +299,73 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
 
 
 # ---------------------------------------------------------------------------------------------
-# Module
+# Variant spec and module core
 # ---------------------------------------------------------------------------------------------
 
 
-class LinearAttention(nn.Module):
-    """Multi-head linear attention on (B, N, E): q/k/v/out projections around ``linear_attention``.
+class RecurrentVariant(Variant):
+    """A variant with a ``causal`` field whose causal form decodes with a RecurrentState (the
+    carried key sums): linear attention and Performer."""
 
-    forward(query, key=None, value=None, *, key_padding_mask=None) with key_padding_mask (B, Nk)
-    True = padding (torch MHA's polarity, converted here). Self-attention when key is None.
+    causal: bool = False
+
+    def causal_version(self) -> RecurrentVariant:
+        return dataclasses.replace(self, causal=True)
+
+    def decode_reason(self) -> str | None:
+        return None if self.causal else f"{type(self).__name__}(causal=False) has no recurrent form; use causal=True"
+
+    def make_cache(self, **_):
+        return RecurrentState()
+
+    def check_cache(self, cache) -> None:
+        reason = self.decode_reason()
+        if reason:
+            raise ValueError(f"cache={type(cache).__name__} given, but {reason}")
+        if not isinstance(cache, RecurrentState):
+            raise TypeError(f"{type(self).__name__} attention decodes with a RecurrentState, got {type(cache).__name__}")
+
+
+
+@dataclass(frozen=True)
+class Linear(RecurrentVariant):
+    """Linear attention (Katharopoulos et al. 2020): phi(q) (phi(k)^T v), phi = elu + 1.
+
+    causal=True runs the chunked prefix form and decodes with a RecurrentState. Masks: key
+    padding (and causal). Cost O(N D^2).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, causal: bool = False, bias: bool = True,
-                 feature_map: Callable[[torch.Tensor], torch.Tensor] = elu_plus_one, chunk_size: int = 64):
+    feature_map: str | Callable = "elu+1"
+    causal: bool = False
+    chunk_size: int = 64
+
+    name = "linear"
+
+    def __post_init__(self):
+        feature_map_fn(self.feature_map)
+        check_bool("Linear", "causal", self.causal)
+        pos_int("Linear", "chunk_size", self.chunk_size)
+
+    def build_core(self, *, num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+        return LinearCore(self)
+
+
+class LinearCore(nn.Module):
+    """``linear_attention`` on projected heads; with a RecurrentState it carries the key sums."""
+
+    def __init__(self, spec: Linear):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        self.embed_dim, self.num_heads, self.causal = embed_dim, num_heads, causal
-        self.feature_map, self.chunk_size = feature_map, chunk_size
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim, bias=bias)
-                                                                for _ in range(4))
+        self.spec = spec
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, E = x.shape
-        return x.view(B, N, self.num_heads, E // self.num_heads).transpose(1, 2)  # (B, H, N, D)
+    def forward(self, q, k, v, *, mask, bias, dropout_p, need_weights, cache, query_valid=None):
+        s = self.spec
+        if cache is None:
+            return linear_attention(q, k, v, feature_map=s.feature_map, causal=s.causal, mask=mask,
+                                    chunk_size=s.chunk_size), None
+        out, cache.state = linear_attention(q, k, v, feature_map=s.feature_map, causal=True, mask=mask,
+                                            chunk_size=s.chunk_size, state=cache.state, return_state=True)
+        return out, None
 
-    def forward(self, query, key=None, value=None, *, key_padding_mask=None):
-        key = query if key is None else key
-        value = key if value is None else value
-        q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        mask = None
-        if key_padding_mask is not None:
-            mask = (~key_padding_mask)[:, None, None, :]             # (B, 1, 1, Nk) True = real key
-        out = linear_attention(q, k, v, feature_map=self.feature_map, causal=self.causal, mask=mask,
-                               chunk_size=self.chunk_size)           # (B, H, Nq, D)
-        B, H, Nq, D = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, Nq, H * D))  # (B, Nq, E)
+
+__all__ = ["linear_attention", "linear_attention_step", "linear_attention_features", "linear_step_features",
+           "LinearState", "elu_plus_one", "feature_map_fn", "RecurrentVariant", "Linear", "LinearCore"]

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import torch
 
-from ._hash import hash_coords
-from ._validate import shape_str
-from .masks import (
-    EMPTY,
-    FULL,
-    PARTIAL,
+from .._hash import hash_coords
+from .._validate import shape_str
+from .base import (
     Mask,
     _check_keys,
     _check_rows,
     _classify,
     evaluate_tiles,
 )
+
+
+def _bool(name: str, fn: str, val) -> bool:
+    if not isinstance(val, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {val!r}")
+    return val
 
 
 def _pos_int(name: str, fn: str, val, minimum: int = 1) -> int:
@@ -44,19 +47,29 @@ class Dilated(Mask):
     offsets ahead of i (2 * window - 1 keys). Cost per query: O(window) useful keys.
     """
 
+    translation_invariant = True
+
     def __init__(self, window: int, dilation: int, causal: bool):
-        self.window = _pos_int("window", "dilated", window)
+        self.width = _pos_int("window", "dilated", window)
         self.dilation = _pos_int("dilation", "dilated", dilation)
-        self.causal = causal
+        self.causal = _bool("causal", "dilated", causal)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.causal
+
+    @property
+    def window(self) -> int:
+        return (self.width - 1) * self.dilation
 
     def allows(self, b, h, q, k, *, num_keys=None):
         d = q - k
-        span = (self.window - 1) * self.dilation
+        span = (self.width - 1) * self.dilation
         ok = (torch.remainder(d, self.dilation) == 0) & (d <= span)
         return ok & (d >= 0) if self.causal else ok & (d >= -span)
 
     def __repr__(self):
-        return f"dilated({self.window}, {self.dilation}, causal={self.causal})"
+        return f"dilated({self.width}, {self.dilation}, causal={self.causal})"
 
 
 def dilated(window: int, dilation: int, *, causal: bool = True) -> Mask:
@@ -68,6 +81,9 @@ class Strided(Mask):
 
     The paper's full "strided" head pair is ``sliding_window(stride - 1) | strided(stride)``.
     """
+
+    translation_invariant = True
+    is_causal = True
 
     def __init__(self, stride: int):
         self.stride = _pos_int("stride", "strided", stride)
@@ -93,7 +109,11 @@ class Fixed(Mask):
         self.summary = _pos_int("summary", "fixed", summary)
         if summary > block:
             raise ValueError(f"fixed: summary ({summary}) must be <= block ({block})")
-        self.causal = causal
+        self.causal = _bool("causal", "fixed", causal)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.causal
 
     def allows(self, b, h, q, k, *, num_keys=None):
         same = torch.div(q, self.block, rounding_mode="floor") == torch.div(k, self.block, rounding_mode="floor")
@@ -126,6 +146,10 @@ class BlockSparse(Mask):
     @property
     def device(self):
         return self.layout.device
+
+    @property
+    def num_heads(self) -> int | None:
+        return self.layout.shape[0] if self.layout.shape[0] > 1 else None
 
     def check(self, nq, nk, *, batch=1, heads=1):
         if self.layout.shape[0] not in (1, heads):
@@ -206,6 +230,10 @@ class GlobalTokens(Mask):
     def device(self):
         return (self.flags if self.flags is not None else self.indices).device
 
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.flags is None else self.flags.shape[0]
+
     def check(self, nq, nk, *, batch=1, heads=1):
         if self.flags is not None:
             _check_rows("global_tokens", "flags", self.flags.shape[0], batch)
@@ -276,7 +304,9 @@ class BigBird(Mask):
                              f"on each side), got {window_blocks}")
         self.global_blocks = _pos_int("global_blocks", "bigbird", global_blocks, 0)
         self.random_blocks = _pos_int("random_blocks", "bigbird", random_blocks, 0)
-        self.seed = int(seed)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"bigbird: seed must be an int, got {seed!r}")
+        self.seed = seed
 
     def allows(self, b, h, q, k, *, num_keys=None):
         if num_keys is None and self.random_blocks:
@@ -304,4 +334,5 @@ def bigbird(block_size: int = 64, window_blocks: int = 3, global_blocks: int = 1
     return BigBird(block_size, window_blocks, global_blocks, random_blocks, seed)
 
 
-__all__ = ["dilated", "strided", "fixed", "block_sparse", "global_tokens", "bigbird", "EMPTY", "PARTIAL", "FULL"]
+__all__ = ["dilated", "strided", "fixed", "block_sparse", "global_tokens", "bigbird",
+           "Dilated", "Strided", "Fixed", "BlockSparse", "GlobalTokens", "BigBird"]

@@ -224,7 +224,7 @@ def test_tiles_with_batch_and_head_dependence():
     shape = Shape(2, 3, 1, 7, 9, 1, 1)
     flags = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     layout = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.5
-    from tests.test_masks import check_tiles_sound
+    from tests.masks.test_base import check_tiles_sound
     for spec in (M.global_tokens(flags), M.block_sparse(layout, 2), M.bigbird(2, 1, 0, 1, seed=1),
                  M.global_tokens(flags) & M.block_sparse(layout, 2)):
         for bq, bk in ((1, 1), (2, 2), (3, 4), (4, 2)):

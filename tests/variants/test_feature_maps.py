@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from attnkit.feature_maps import draw_favor_projection, elu_plus_one, favor_features
+from attnkit.variants.linear import elu_plus_one
+from attnkit.variants.performer import draw_favor_projection, favor_features
 from tests.tolerances import assert_close
 
 

@@ -14,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnkit import AdditiveAttention
 from attnkit import masks as M
-from attnkit.additive import AdditiveAttention, additive_attention
+from attnkit.variants.additive import additive_attention
 from tests.strategies import bool_masks, make_qkv, mask_specs, shapes
 from tests.tolerances import assert_close
 
@@ -122,35 +123,42 @@ def test_autograd_saves_memory_linear_in_n_not_nq_nk_a():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
+    B, N, E = t.shape
+    return t.view(B, N, h, E // h).transpose(1, 2)                 # (B, H, N, D)
+
+
 def test_module_as_seq2seq_cross_attention_with_key_padding():
+    """MultiHeadAttention with Additive on another width's context = projections around the
+    functional form with the core's per-head weights (checked against the naive formula)."""
     torch.manual_seed(0)
-    att = AdditiveAttention(query_dim=6, key_dim=10, attn_dim=7, value_dim=12, num_heads=3, bias=True).double()
-    dec = torch.randn(2, 4, 6, dtype=torch.float64)          # decoder states (queries)
+    att = AdditiveAttention(12, 3, attn_dim=7, kdim=10, vdim=12).double()
+    dec = torch.randn(2, 4, 12, dtype=torch.float64)         # decoder states (queries)
     enc = torch.randn(2, 9, 10, dtype=torch.float64)         # encoder outputs (keys)
     val = torch.randn(2, 9, 12, dtype=torch.float64)
     is_pad = torch.zeros(2, 9, dtype=torch.bool)
     is_pad[1, 5:] = True                                      # torch MHA polarity: True = padding
-    out, w = att(dec, enc, val, key_padding_mask=is_pad, return_weights=True)
+    out, w = att(dec, context=enc, value=val, key_padding_mask=is_pad, need_weights=True, average_attn_weights=False)
     assert out.shape == (2, 4, 12) and w.shape == (2, 3, 4, 9)
     assert (w[1, :, :, 5:] == 0).all()
-    assert_close(out[1:], att(dec[1:], enc[1:, :5], val[1:, :5]), backend="blockwise")
-    # head h = the functional form with head h's weights on the whole query/key and its value slice
-    q = dec.unsqueeze(1).expand(2, 3, 4, 6)
-    k = enc.unsqueeze(1).expand(2, 3, 9, 10)
-    v = val.view(2, 9, 3, 4).transpose(1, 2)
-    ref, _ = naive_additive(q, k, v, att.w_q, att.w_k, att.v_a, att.bias, M.key_padding_from_bool(is_pad))
-    assert_close(out, ref.transpose(1, 2).reshape(2, 4, 12), backend="blockwise")
+    assert_close(out[1:], att(dec[1:], context=enc[1:, :5], value=val[1:, :5]), backend="blockwise")
+    q, k, v = _heads(att.q_proj(dec), 3), _heads(att.k_proj(enc), 3), _heads(att.v_proj(val), 3)
+    c = att.core
+    ref, _ = naive_additive(q, k, v, c.w_q, c.w_k, c.v_a, c.b, M.key_padding_from_bool(is_pad))
+    assert_close(out, att.out_proj(ref.transpose(1, 2).reshape(2, 4, 12)), backend="blockwise")
     out.sum().backward()
     assert all(p.grad is not None for p in att.parameters())
 
 
 def test_module_values_default_to_keys_and_single_head_is_bahdanau():
     torch.manual_seed(1)
-    att = AdditiveAttention(5, 8, 6).double()                 # num_heads=1, value_dim = key_dim
+    att = AdditiveAttention(5, kdim=8, vdim=8, attn_dim=6).double()  # num_heads=1: the paper's attention
     s, h = torch.randn(3, 1, 5, dtype=torch.float64), torch.randn(3, 7, 8, dtype=torch.float64)
-    ctx = att(s, h)
-    e = torch.tanh(s @ att.w_q[0].T + (h @ att.w_k[0].T)) @ att.v_a[0]   # (3, 7): one decoder step
-    assert_close(ctx, (torch.softmax(e, -1).unsqueeze(1) @ h), backend="blockwise")
+    ctx = att(s, context=h)                                           # values default to the context
+    c = att.core
+    e = torch.tanh(att.q_proj(s) @ c.w_q[0].T + att.k_proj(h) @ c.w_k[0].T + c.b[0]) @ c.v_a[0]  # (3, 7)
+    want = att.out_proj(torch.softmax(e, -1).unsqueeze(1) @ att.v_proj(h))
+    assert_close(ctx, want, backend="blockwise")
 
 
 def test_errors():
@@ -169,6 +177,8 @@ def test_errors():
     with pytest.raises(ValueError, match="does not broadcast"):
         additive_attention(q, k, v, w_q, w_k, v_a, mask=torch.ones(3, 5, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="divisible"):
-        AdditiveAttention(4, 4, 4, value_dim=6, num_heads=4)
-    with pytest.raises(ValueError, match="value_dim"):
-        AdditiveAttention(4, 4, 4, value_dim=6)(torch.randn(1, 2, 4), torch.randn(1, 3, 4))
+        AdditiveAttention(6, 4)
+    with pytest.raises(ValueError, match=r"context has shape \(1, 3, 4\), expected \(1, N, 6\)"):
+        AdditiveAttention(4, kdim=6)(torch.randn(1, 2, 4), context=torch.randn(1, 3, 4))
+    with pytest.raises(ValueError, match="attn_dim"):
+        AdditiveAttention(4, attn_dim=0)

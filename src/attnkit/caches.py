@@ -1,13 +1,25 @@
-"""Caches for incremental decoding: static KV, sliding-window ring buffer, recurrent state,
-Transformer-XL segment memory, and a once-computed cross-attention KV.
+"""Caches for incremental decoding, one protocol: static KV, sliding-window ring buffer,
+recurrent state, Transformer-XL segment memory, and a once-computed cross-attention KV.
 
 Legend: B batch (<= max_batch), Hk key/value heads, L cached length, n new tokens, D head dim,
 Dv value head dim, W window, E embed dim, M memory length.
 
-Every cache tracks ``length``: the number of tokens seen so far, i.e. the absolute position of
-the next token (what RoPE needs as an offset). Keys come back in chronological order, so the
-library's bottom-right causal alignment makes a chunk of n new queries against all returned
-keys exactly ``attnkit.attention(q, k, v, mask=causal())``.
+The protocol (``Cache``), which ``MultiHeadAttention`` follows for every cache without asking
+its type:
+
+1. ``reuse()`` -> stored (k, v, valid) to attend instead of projecting new ones (a filled
+   ``StaticKV``), else None;
+2. ``update(k, v, valid)`` -> (k_all, v_all, valid_all): the keys/values this call attends,
+   given the n new ones (appended to a buffer, prepended with a memory, or passed through);
+3. the attention runs (recurrent variants read and write the state they carry, ``state``);
+4. ``after(k_all, v_all, n)``: advance what the cache owns past the call (a segment memory
+   keeps the newest M keys, a recurrent state counts the tokens).
+
+``length`` is the number of tokens seen so far, i.e. the absolute position of the next token
+(what RoPE needs as an offset); ``reset()`` empties the cache. Keys come back in chronological
+order, so the library's bottom-right causal alignment makes a chunk of n new queries against all
+returned keys exactly ``attnkit.attention(q, k, v, mask=causal())``. Buffers hold the cache's
+dtype: keys/values of another floating dtype (e.g. bfloat16 under autocast) are cast on write.
 
 Nothing is silently overwritten: a full ``KVCache`` raises naming max_len. The one documented
 exception is ``SlidingWindowCache``, a ring buffer that keeps only the last ``window`` keys
@@ -18,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import shape_str
+from ._validate import shape_str
 
 
 def _check_new(name: str, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int, value_dim: int,
@@ -35,8 +47,8 @@ def _check_new(name: str, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim
                          f"(num_kv_heads={heads}, head_dim={head_dim})")
     if tuple(v.shape) != (B, H, n, value_dim):
         raise ValueError(f"{name}.update: v has shape {shape_str(v)}, expected ({B}, {H}, {n}, {value_dim})")
-    if k.dtype != dtype or v.dtype != dtype:
-        raise TypeError(f"{name}.update: k, v have dtype {k.dtype}, {v.dtype} but the cache holds {dtype}")
+    if not (k.is_floating_point() and v.is_floating_point()):
+        raise TypeError(f"{name}.update: k, v must be floating point, got {k.dtype}, {v.dtype}")
     return B, n
 
 
@@ -46,7 +58,27 @@ def _check_valid(name: str, valid: torch.Tensor | None, B: int, n: int) -> None:
                          f"got {valid.dtype} {shape_str(valid)}")
 
 
-class _Buffers:
+class Cache:
+    """The decoding-cache protocol (see the module docstring). Subclasses implement ``update``."""
+
+    length: int = 0
+
+    def reuse(self):
+        """Stored (k, v, valid) to attend instead of new projections, or None."""
+        return None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
+        """(k_all, v_all, valid_all or None) for n new keys k (B, Hk, n, D), v (B, Hk, n, Dv)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update()")
+
+    def after(self, k_all: torch.Tensor, v_all: torch.Tensor, new: int) -> None:
+        """Advance past a call that attended k_all / v_all with ``new`` new tokens."""
+
+    def reset(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement reset()")
+
+
+class _Buffers(Cache):
     """Preallocated k (max_batch, Hk, slots, D), v (max_batch, Hk, slots, Dv) and valid
     (max_batch, slots) buffers with position tracking, shared by KVCache and SlidingWindowCache."""
 
@@ -100,6 +132,7 @@ class KVCache(_Buffers):
             raise ValueError(f"KVCache is full: max_len={self.max_len}, it holds {self.length} tokens and cannot take "
                              f"{n} more; build it with a larger max_len (nothing was written)")
         start, end = self.length, self.length + n
+        k, v = k.to(self.dtype), v.to(self.dtype)
         self.k[:B, :, start:end] = k  # (B, Hk, n, D)
         self.v[:B, :, start:end] = v
         if valid is not None:
@@ -141,6 +174,7 @@ class SlidingWindowCache(_Buffers):
             raise ValueError(f"SlidingWindowCache.update: batch {B} differs from the cached batch {self.batch}; reset() first")
         m = min(self.length, self.window)
         idx = self._order(m)
+        k, v = k.to(self.dtype), v.to(self.dtype)
         valid_new = valid if valid is not None else torch.ones(B, n, dtype=torch.bool, device=k.device)
         k_all = torch.cat([self.k[:B, :, idx], k], dim=2)  # (B, Hk, m + n, D)
         v_all = torch.cat([self.v[:B, :, idx], v], dim=2)
@@ -160,12 +194,12 @@ class SlidingWindowCache(_Buffers):
                 f"heads={self.num_kv_heads}, head_dim={self.head_dim})")
 
 
-class RecurrentState:
+class RecurrentState(Cache):
     """Running state of causal linear-type attention (Linear, Performer) for decoding.
 
     The attention core stores its carried state in ``state`` (for linear attention the sums
     S = sum_j phi(k_j) v_j^T (B, H, F, Dv) and z = sum_j phi(k_j) (B, H, F)); ``length`` counts
-    tokens seen. Memory O(B H F Dv), independent of the sequence length.
+    tokens seen. Memory O(B H F Dv), independent of the sequence length. Keys pass through.
     """
 
     def __init__(self):
@@ -175,11 +209,17 @@ class RecurrentState:
         self.state = None
         self.length = 0
 
+    def update(self, k, v, valid=None):
+        return k, v, valid  # the variant folds the new (unpadded) keys into ``state``
+
+    def after(self, k_all, v_all, new):
+        self.length += new
+
     def __repr__(self):
         return f"RecurrentState(length={self.length}, {'empty' if self.state is None else 'filled'})"
 
 
-class SegmentMemory:
+class SegmentMemory(Cache):
     """Transformer-XL segment memory: the last ``mem_len`` keys/values of one layer, detached.
 
     MultiHeadAttention with position=XL(...) attends over cat[memory, current keys] and then
@@ -199,7 +239,18 @@ class SegmentMemory:
         self.memory: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Hk, M, D), (B, Hk, M, Dv)
         self.length = 0
 
-    def advance(self, k_all: torch.Tensor, v_all: torch.Tensor, new: int) -> None:
+    def update(self, k, v, valid=None):
+        """cat[memory, new] along the sequence: (B, Hk, M + n, D); padding is not tracked."""
+        if valid is not None and not bool(valid.all()):
+            raise ValueError("SegmentMemory: key_padding_mask with padded tokens; the memory does not track padding")
+        if self.memory is None:
+            return k, v, None
+        if self.memory[0].shape[0] != k.shape[0]:
+            raise ValueError(f"SegmentMemory holds batch {self.memory[0].shape[0]}, got batch {k.shape[0]}; reset() it")
+        mk, mv = (m.to(k.dtype) for m in self.memory)
+        return torch.cat([mk, k], dim=2), torch.cat([mv, v], dim=2), None  # (B, Hk, M + n, D)
+
+    def after(self, k_all: torch.Tensor, v_all: torch.Tensor, new: int) -> None:
         """Keep the last mem_len of k_all / v_all (B, Hk, M + n, .), detached; n = new tokens."""
         if self.mem_len == 0:
             self.memory = None
@@ -212,12 +263,12 @@ class SegmentMemory:
         return f"SegmentMemory(mem_len={self.mem_len}, holds={m}, length={self.length})"
 
 
-class StaticKV:
+class StaticKV(Cache):
     """Keys/values of a fixed context (cross-attention during decoding), computed once.
 
     The first forward with this cache projects ``context`` and stores k, v (and the context's
     padding); later calls reuse them and ignore the context argument's values (its shape is still
-    checked). ``reset()`` clears it for a new context.
+    checked). ``reset()`` clears it for a new context. ``length`` is the context length.
     """
 
     def __init__(self):
@@ -231,10 +282,15 @@ class StaticKV:
     def filled(self) -> bool:
         return self.k is not None
 
+    def reuse(self):
+        return (self.k, self.v, self.valid) if self.filled else None
+
+    def update(self, k, v, valid=None):
+        self.k, self.v, self.valid, self.length = k, v, valid, k.shape[2]
+        return k, v, valid
+
     def __repr__(self):
         return f"StaticKV({'empty' if self.k is None else shape_str(self.k)})"
 
 
-Cache = KVCache | SlidingWindowCache | RecurrentState | SegmentMemory | StaticKV
-
-__all__ = ["KVCache", "SlidingWindowCache", "RecurrentState", "SegmentMemory", "StaticKV", "Cache"]
+__all__ = ["Cache", "KVCache", "SlidingWindowCache", "RecurrentState", "SegmentMemory", "StaticKV", "Cache"]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnkit import attention, masks
-from attnkit.lsh import LSHOptions, LSHSelfAttention, draw_rotations, lsh_attention, lsh_buckets, shared_qk_attention
+from attnkit import LSHSelfAttention, attention, masks
+from attnkit.variants.lsh import draw_rotations, lsh_attention, lsh_buckets, shared_qk_attention
 from tests.tolerances import tol
 
 F64 = torch.float64
@@ -74,8 +74,8 @@ def inputs(B, H, N, D, Dv, seed, dtype=F64):
 def test_one_chunk_equals_exact_shared_qk_attention(B, H, N, D, Dv, R, nb, causal, padded, seed):
     qk, v, g = inputs(B, H, N, D, Dv, seed)
     kp = masks.key_padding(torch.randint(0, N + 1, (B,), generator=g)) if padded else None
-    out = lsh_attention(qk, v, n_hashes=R, n_buckets=nb, bucket_size=N, causal=causal, key_padding=kp, seed=seed)
-    ref = shared_qk_attention(qk, v, causal=causal, key_padding=kp)
+    out = lsh_attention(qk, v, n_hashes=R, n_buckets=nb, bucket_size=N, causal=causal, mask=kp, seed=seed)
+    ref = shared_qk_attention(qk, v, causal=causal, mask=kp)
     torch.testing.assert_close(out, ref, **tol(F64))
     for a, b in zip(grads(out, (qk, v)), grads(ref, (qk, v))):
         torch.testing.assert_close(a, b, **tol(F64, grad=True))
@@ -90,7 +90,7 @@ def test_shared_qk_attention_is_attention_with_normalised_keys_and_the_self_rule
         other = ok & ~torch.eye(7, dtype=torch.bool)
         allowed = other | (ok & torch.eye(7, dtype=torch.bool) & ~other.any(-1, keepdim=True))
         ref = attention(qk, F.normalize(qk, dim=-1), v, mask=allowed[:, None], backend="reference")
-        out = shared_qk_attention(qk, v, causal=causal, key_padding=masks.key_padding(lengths))
+        out = shared_qk_attention(qk, v, causal=causal, mask=masks.key_padding(lengths))
         torch.testing.assert_close(out, ref, **tol(F64))
     assert out[1, :, 1:].abs().max() > 0 and torch.equal(out[1, :, 0], v[1, :, 0])  # only key 0: itself
 
@@ -105,7 +105,7 @@ def test_matches_naive_bucketed_algorithm_forward_backward(B, H, N, D, Dv, R, nb
     lengths = torch.randint(0, N + 1, (B,), generator=g) if padded else None
     kp = None if lengths is None else masks.key_padding(lengths)
     valid = None if lengths is None else torch.arange(N)[None, :] < lengths[:, None]
-    out = lsh_attention(qk, v, n_hashes=R, n_buckets=nb, bucket_size=c, causal=causal, key_padding=kp, rotations=rot)
+    out = lsh_attention(qk, v, n_hashes=R, n_buckets=nb, bucket_size=c, causal=causal, mask=kp, rotations=rot)
     ref = naive_lsh(qk, v, rot, nb, c, causal, valid)
     torch.testing.assert_close(out, ref, **tol(F64))
     for a, b in zip(grads(out, (qk, v)), grads(ref, (qk, v))):
@@ -150,16 +150,17 @@ def test_seed_and_rotations():
 def test_padded_keys_get_no_weight_and_fully_padded_rows_are_zero():
     qk, v, _ = inputs(2, 2, 16, 4, 3, 4)
     kp = masks.key_padding(torch.tensor([10, 0]))
-    out = lsh_attention(qk, v, n_hashes=2, bucket_size=4, key_padding=kp, seed=0)
+    out = lsh_attention(qk, v, n_hashes=2, bucket_size=4, mask=kp, seed=0)
     assert out[1].abs().max() == 0
     gq, gv = torch.autograd.grad(out.sum(), (qk, v))
     assert torch.isfinite(gq).all() and gv[:, :, 10:].abs().max() == 0
 
 
 def test_module_runs_and_learns_shapes():
-    mod = LSHSelfAttention(8, 2, LSHOptions(n_hashes=2, bucket_size=4, causal=True), seed=0)
+    mod = LSHSelfAttention(8, 2, n_hashes=2, bucket_size=4, causal=True, seed=0)
+    assert mod.k_proj is None  # shared QK: no key projection
     x = torch.randn(2, 12, 8, requires_grad=True)
-    y = mod(x, key_padding=masks.key_padding(torch.tensor([12, 7])))
+    y = mod(x, key_padding_mask=torch.arange(12)[None, :] >= torch.tensor([12, 7])[:, None])
     assert y.shape == (2, 12, 8)
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -173,8 +174,8 @@ def test_errors_name_the_problem():
         lsh_attention(qk, v, n_buckets=3)
     with pytest.raises(ValueError, match=r"rotations must have shape \(D, n_hashes, n_buckets // 2\) = \(4, 2, 2\)"):
         lsh_attention(qk, v, n_hashes=2, n_buckets=4, rotations=torch.randn(4, 2, 3))
-    with pytest.raises(ValueError, match="honours only key padding"):
-        lsh_attention(qk, v, key_padding=masks.causal())
+    with pytest.raises(ValueError, match=r"LSH attention cannot honour the mask sliding_window\(2, 0\)"):
+        lsh_attention(qk, v, mask=masks.sliding_window(2))
     with pytest.raises(ValueError, match="bucket_size must be an int > 0"):
         lsh_attention(qk, v, bucket_size=0)
 
@@ -193,7 +194,7 @@ def test_matches_reformer_pytorch_lsh_attention_same_rotations(causal):
         torch.manual_seed(9)
         want = peer(qk.reshape(B * H, N, D), v.reshape(B * H, N, D), input_mask=input_mask)[0].view(B, H, N, D)
         got = lsh_attention(qk, v, n_hashes=R, bucket_size=c, causal=causal, rotations=rot,
-                            key_padding=None if lens is None else masks.key_padding(lens))
+                            mask=None if lens is None else masks.key_padding(lens))
         rows = torch.ones(B, N, dtype=torch.bool) if lens is None else torch.arange(N)[None, :] < lens[:, None]
         # The peer scores a query against itself as -5e4 (not -inf); where a query sees only itself
         # in every round its round weights are computed at that magnitude: 5e4 * 2^-52 ~ 1.1e-11

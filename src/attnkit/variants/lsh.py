@@ -29,10 +29,16 @@ nb/2), same sort key, chunking and look-back. Differences: the peer fills the se
 -5e4 instead of excluding it (identical results unless every other score is below about -5e4
 + 700), needs N divisible by 2 * bucket_size (here any N; the last chunk of a round is padded)
 and masks padded *queries* too (here key padding masks keys only; padded rows are computed).
+
+Rotations: the function draws them from ``seed`` (None: torch's global generator, fresh on every
+call, like the peer) or takes ``rotations``. The module core (``LSH`` spec) draws fresh ones on
+every training call from (seed, call count), as the paper does, and keeps fixed ones (from seed)
+in eval mode so that inference is deterministic.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import _validate as V
-from .linformer import key_valid_tensor
+from .. import _validate as V
+from .._numerics import compute_dtype, safe_softmax_lse
+from .base import Variant, check_bool, pos_int, split_key_mask
+
+_REASON = "queries and keys are sorted into hash buckets, so there is no dense score matrix to mask"
 
 
 def default_n_buckets(n: int, bucket_size: int) -> int:
@@ -69,18 +78,6 @@ def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int) -> to
         hi, ihi = rot.max(dim=-1)
         lo, ilo = rot.min(dim=-1)
         return torch.where(hi >= -lo, ihi, ilo + rot.shape[-1])  # (B, H, R, N)
-
-
-def _safe_lse_softmax(s: torch.Tensor):
-    """Softmax over the last dim and its log-denominator; all -inf rows give 0 and -inf (no NaN)."""
-    mx = s.amax(dim=-1, keepdim=True).detach()
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    e = torch.exp(s - mx)
-    den = e.sum(dim=-1, keepdim=True)
-    ok = den > 0
-    den1 = torch.where(ok, den, torch.ones_like(den))
-    lse = torch.where(ok, torch.log(den1) + mx, torch.full_like(den, float("-inf")))
-    return e / den1, lse.squeeze(-1)
 
 
 class _ToSorted(torch.autograd.Function):
@@ -184,7 +181,7 @@ def _lsh_group(qk, v, buckets, valid, c: int, causal: bool, scale: float):
         o = torch.matmul(p, sv)
     # Combine rounds: weights softmax_r(lse_r) in original order.
     lse_orig = lse.view(G, R * Np).gather(1, inv_idx.view(G, R * N) - torch.arange(G, device=dev).view(G, 1) * R * Np)
-    w, _ = _safe_lse_softmax(lse_orig.view(G, R, N).transpose(1, 2))  # (G, N, R)
+    w, _ = safe_softmax_lse(lse_orig.view(G, R, N).transpose(1, 2), empty_lse=float("-inf"))  # (G, N, R)
     w_e = torch.cat([w.transpose(1, 2), w.new_zeros(G, R, 1)], dim=2)  # (G, R, N+1)
     w_sorted = w_e.gather(2, perm).view(G, RC, c, 1)  # (G, RC, c, 1)
     out = _from_sorted((o * w_sorted).reshape(-1, Dv), inv_idx, idx, G, R, N)  # (G*(N+1), Dv)
@@ -192,7 +189,7 @@ def _lsh_group(qk, v, buckets, valid, c: int, causal: bool, scale: float):
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucket_size: int = 64,
-                  n_buckets: int | None = None, causal: bool = False, key_padding=None,
+                  n_buckets: int | None = None, causal: bool = False, mask=None,
                   scale: float | None = None, seed: int | None = None, rotations: torch.Tensor | None = None,
                   heads_per_group: int | None = None) -> torch.Tensor:
     """Reformer LSH attention with shared query/key vectors.
@@ -202,9 +199,11 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucke
         n_hashes: rounds R. bucket_size: chunk length c (the paper's and peer's bucket size).
         n_buckets: buckets per round, even (or 1 = no hashing); default N // bucket_size
             rounded up to even, like the peer.
-        causal: keys at positions > query position are blocked.
-        key_padding: ``masks.key_padding(lengths)`` / ``key_padding_from_bool``: padded keys are
-            never attended (they still take part in hashing; their own rows are computed).
+        causal: keys at positions > query position are blocked (as is ``mask=masks.causal()``).
+        mask: as ``attnkit.attention`` (a spec or a bool tensor, True = may attend), restricted to
+            ``causal()`` and key padding (``masks.key_padding``, ``key_padding_from_bool``,
+            (B, 1, 1, N) bool): padded keys are never attended (they still take part in hashing;
+            their own rows are computed). Other masks raise.
         scale: default 1/sqrt(D).
         seed / rotations: rotations (D, R, nb/2) to use; else drawn with ``seed`` (None = torch's
             global generator, like the peer). Same seed, same buckets.
@@ -237,9 +236,12 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucke
         got = V.shape_str(rotations) if isinstance(rotations, torch.Tensor) else type(rotations).__name__
         raise ValueError(f"rotations must have shape (D, n_hashes, n_buckets // 2) = ({D}, {n_hashes}, "
                          f"{max(nb // 2, 1)}), got {got}")
-    valid = key_valid_tensor(key_padding, B, N, qk.device, variant="lsh_attention")
+    mask_causal, valid = split_key_mask(mask, batch=B, heads=1, nq=N, nk=N, device=qk.device, variant="LSH attention",
+                                        reason=_REASON)
+    causal = causal or mask_causal
+    valid = None if valid is None else torch.broadcast_to(valid[:, 0], (B, N))  # (B, N)
     in_dtype = qk.dtype
-    ct = torch.float32 if in_dtype in (torch.float16, torch.bfloat16) else in_dtype
+    ct = compute_dtype(in_dtype)
     qk, v = qk.to(ct), v.to(ct)
     buckets = lsh_buckets(qk, rotations, nb).reshape(B * H, n_hashes, N)  # (G, R, N)
     qkf, vf = qk.reshape(B * H, N, D), v.reshape(B * H, N, -1)  # (G, N, D), (G, N, Dv)
@@ -260,7 +262,7 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucke
     return out.to(in_dtype)
 
 
-def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False, key_padding=None,
+def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False, mask=None,
                         scale: float | None = None) -> torch.Tensor:
     """Exact attention that LSH approximates: keys qk/|qk|, self excluded unless nothing else.
 
@@ -278,55 +280,78 @@ def shared_qk_attention(qk: torch.Tensor, v: torch.Tensor, *, causal: bool = Fal
     if causal:
         ok = i.view(-1, 1) >= i.view(1, -1)
     ok = ok.expand(B, 1, N, N)
-    valid = key_valid_tensor(key_padding, B, N, qk.device, variant="shared_qk_attention")
+    mask_causal, valid = split_key_mask(mask, batch=B, heads=1, nq=N, nk=N, device=qk.device,
+                                        variant="shared_qk_attention", reason=_REASON)
+    if mask_causal:
+        ok = ok & (i.view(-1, 1) >= i.view(1, -1))
     if valid is not None:
-        ok = ok & valid[:, None, None, :]
+        ok = ok & valid[:, :, None, :]
     eye = torch.eye(N, dtype=torch.bool, device=qk.device)
     other = ok & ~eye
     allowed = other | (ok & eye & ~other.any(dim=-1, keepdim=True))
-    p, _ = _safe_lse_softmax(s.masked_fill(~allowed, float("-inf")))
+    p, _ = safe_softmax_lse(s, ~allowed)
     return torch.matmul(p, v)  # (B, H, N, Dv)
 
 
 @dataclass(frozen=True)
-class LSHOptions:
+class LSH(Variant):
+    """Reformer LSH attention (Kitaev et al. 2020): shared-QK, angular hashing, sorted chunks.
+
+    n_hashes: rounds R. bucket_size: chunk length c. n_buckets: per round (None: N / c rounded
+    up to even). causal: block future keys. seed: of the rotations (see the module docstring).
+    Keys are the (normalised) queries: the module has no key projection; self-attention only.
+    Masks: key padding (and causal). Cost O(R N c D).
+    """
+
     n_hashes: int = 8
     bucket_size: int = 64
     n_buckets: int | None = None
     causal: bool = False
+    seed: int = 0
+
+    name = "lsh"
+    cross = False
+    shares_qk = True
+
+    def __post_init__(self):
+        pos_int("LSH", "n_hashes", self.n_hashes)
+        pos_int("LSH", "bucket_size", self.bucket_size)
+        if self.n_buckets is not None:
+            pos_int("LSH", "n_buckets", self.n_buckets)
+        check_bool("LSH", "causal", self.causal)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"LSH: seed must be an int, got {self.seed!r}")
+
+    def causal_version(self) -> LSH:
+        return dataclasses.replace(self, causal=True)
+
+    def decode_reason(self) -> str | None:
+        return "LSH re-sorts all keys into buckets on every call; it has no incremental form"
+
+    def build_core(self, *, num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
+        return LSHCore(self)
 
 
-class LSHSelfAttention(nn.Module):
-    """Multi-head LSH self-attention on (B, N, E): shared ``to_qk``, ``to_v`` (no bias), ``to_out``.
+class LSHCore(nn.Module):
+    """``lsh_attention`` with shared QK (the projected queries are the keys; k is not used)."""
 
-    New rotations are drawn at every call (from ``seed`` + a call counter when ``seed`` is set),
-    as in the paper. ``forward(x, *, key_padding=None)`` -> (B, N, E).
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, options: LSHOptions = LSHOptions(), *,
-                 seed: int | None = None):
+    def __init__(self, spec: LSH):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.options, self.seed, self.calls = num_heads, options, seed, 0
-        self.to_qk = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.to_v = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.to_out = nn.Linear(embed_dim, embed_dim)
+        self.spec, self.calls = spec, 0
 
-    def forward(self, x: torch.Tensor, *, key_padding=None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be (B, N, E), got shape {V.shape_str(x)}")
-        B, N, E = x.shape
-        H = self.num_heads
-        qk = self.to_qk(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, D)
-        v = self.to_v(x).view(B, N, H, -1).transpose(1, 2)  # (B, H, N, D)
-        seed = None if self.seed is None else self.seed * 1_000_003 + self.calls
-        self.calls += 1
-        o = self.options
-        out = lsh_attention(qk, v, n_hashes=o.n_hashes, bucket_size=o.bucket_size, n_buckets=o.n_buckets,
-                            causal=o.causal, key_padding=key_padding, seed=seed)  # (B, H, N, D)
-        return self.to_out(out.transpose(1, 2).reshape(B, N, E))  # (B, N, E)
+    def forward(self, q, k, v, *, mask, bias, dropout_p, need_weights, cache, query_valid=None):
+        s = self.spec
+        if q.shape[2] != v.shape[2]:
+            raise ValueError(f"LSH attention shares queries and keys, so it needs self-attention over one sequence "
+                             f"(Nq == Nk), got Nq={q.shape[2]}, Nk={v.shape[2]}")
+        seed = s.seed
+        if self.training:
+            seed, self.calls = s.seed * 1_000_003 + self.calls, self.calls + 1
+        G = q.shape[1] // v.shape[1]
+        out = lsh_attention(q, v.repeat_interleave(G, dim=1) if G > 1 else v, n_hashes=s.n_hashes,
+                            bucket_size=s.bucket_size, n_buckets=s.n_buckets, causal=s.causal, mask=mask, seed=seed)
+        return out, None
 
 
-__all__ = ["lsh_attention", "shared_qk_attention", "lsh_buckets", "draw_rotations", "default_n_buckets",
-           "LSHOptions", "LSHSelfAttention"]
+__all__ = ["lsh_attention", "shared_qk_attention", "lsh_buckets", "draw_rotations", "default_n_buckets", "LSH",
+           "LSHCore"]

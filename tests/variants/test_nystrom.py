@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnkit import masks
-from attnkit.nystrom import NystromAttention, NystromOptions, iterative_pinv, nystrom_attention
+from attnkit import NystromAttention, masks
+from attnkit.variants.nystrom import iterative_pinv, nystrom_attention
 from tests.tolerances import tol
 
 F64 = torch.float64
@@ -107,8 +107,8 @@ def test_matches_formula_forward_backward(B, Hk, groups, Nq, Nk, m, D, Dv, iters
     kvalid = torch.rand(B, Nk, generator=g) > 0.3 if pad_k else None
     qvalid = torch.rand(B, Nq, generator=g) > 0.3 if pad_q else None
     spec = lambda valid: None if valid is None else masks.key_padding_from_bool(~valid)
-    out = nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=iters, key_padding=spec(kvalid),
-                            query_padding=spec(qvalid), conv_kernel=conv, segments=mode, pinv_init=init)
+    out = nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=iters, mask=spec(kvalid),
+                            query_valid=qvalid, conv_kernel=conv, segments=mode, pinv_init=init)
     ref = naive(q, k, v, m, iters, kvalid, qvalid, conv, mode, init)
     torch.testing.assert_close(out, ref, **tol(F64))
     ts = [t for t in (q, k, v, conv) if t is not None]
@@ -161,13 +161,14 @@ def test_padded_keys_change_nothing_and_get_no_gradient():
     B, H, N, D, m = 2, 2, 13, 4, 4
     q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
     spec = masks.key_padding(torch.tensor([13, 5]))  # segment 3 of row 1 (positions 9..12) is empty
+    valid = torch.arange(N)[None, :] < torch.tensor([13, 5])[:, None]
     conv = torch.randn(H, 5, generator=g, dtype=F64)
-    out = nystrom_attention(q, k, v, num_landmarks=m, key_padding=spec, query_padding=spec, conv_kernel=conv)
+    out = nystrom_attention(q, k, v, num_landmarks=m, mask=spec, query_valid=valid, conv_kernel=conv)
     assert torch.isfinite(out).all()
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[1, :, 5:] = 1e3
     v2[1, :, 5:] = -1e3
-    out2 = nystrom_attention(q, k2, v2, num_landmarks=m, key_padding=spec, query_padding=spec, conv_kernel=conv)
+    out2 = nystrom_attention(q, k2, v2, num_landmarks=m, mask=spec, query_valid=valid, conv_kernel=conv)
     torch.testing.assert_close(out2, out, **tol(F64))
     gk, gv = torch.autograd.grad(out.sum(), (k, v))
     assert gk[1, :, 5:].abs().max() == 0 and gv[1, :, 5:].abs().max() == 0
@@ -176,7 +177,7 @@ def test_padded_keys_change_nothing_and_get_no_gradient():
 def test_fully_padded_sequence_gives_zeros_and_finite_gradients():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 1, 8, 3, generator=g, dtype=F64, requires_grad=True) for _ in range(3))
-    out = nystrom_attention(q, k, v, num_landmarks=4, key_padding=masks.key_padding(torch.tensor([8, 0])))
+    out = nystrom_attention(q, k, v, num_landmarks=4, mask=masks.key_padding(torch.tensor([8, 0])))
     assert out[1].abs().max() == 0
     for t in torch.autograd.grad(out.sum(), (q, k, v)):
         assert torch.isfinite(t).all()
@@ -195,12 +196,14 @@ def test_float32_close_to_float64():
 
 def test_errors_name_the_problem():
     q = k = v = torch.randn(1, 2, 8, 4)
-    with pytest.raises(ValueError, match="causal=True is not supported"):
-        nystrom_attention(q, k, v, num_landmarks=4, causal=True)
+    with pytest.raises(ValueError, match=r"Nystrom cannot honour the mask causal\(\): each landmark averages"):
+        nystrom_attention(q, k, v, num_landmarks=4, mask=masks.causal())
     with pytest.raises(ValueError, match=r"num_landmarks must be an int in \[1, min\(Nq, Nk\)\] = \[1, 8\]"):
         nystrom_attention(q, k, v, num_landmarks=9)
-    with pytest.raises(ValueError, match="honours only key padding"):
-        nystrom_attention(q, k, v, num_landmarks=4, key_padding=masks.sliding_window(2))
+    with pytest.raises(ValueError, match=r"cannot honour the mask sliding_window\(2, 0\).*only key padding"):
+        nystrom_attention(q, k, v, num_landmarks=4, mask=masks.sliding_window(2))
+    with pytest.raises(ValueError, match=r"query_valid must be a bool \(B, Nq\) = \(1, 8\)"):
+        nystrom_attention(q, k, v, num_landmarks=4, query_valid=torch.ones(1, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="must be odd"):
         nystrom_attention(q, k, v, num_landmarks=4, conv_kernel=torch.randn(2, 4))
     with pytest.raises(ValueError, match="needs Nq == Nk"):
@@ -215,19 +218,21 @@ def test_errors_name_the_problem():
 def test_matches_nystrom_attention_peer_same_weights(n, lengths):
     peer_mod = pytest.importorskip("nystrom_attention")
     torch.manual_seed(5)
-    dim, heads, dh, m, K = 12, 2, 5, 4, 5
+    dim, heads, dh, m, K = 10, 2, 5, 4, 5
     peer = peer_mod.NystromAttention(dim, dim_head=dh, heads=heads, num_landmarks=m, pinv_iterations=6,
                                      residual=True, residual_conv_kernel=K).double().eval()
     peer.eps = 0.0  # the peer adds eps to landmark counts; with no empty segment 0 gives exact means
     divisible = n % m == 0
-    opts = NystromOptions(num_landmarks=m, conv_kernel_size=K, segments="even" if divisible else "front_pad",
-                          pinv_init="global")  # the peer takes max row/col sums over the whole batch
-    ours = NystromAttention(dim, heads, dh, opts).double()
+    ours = NystromAttention(dim, heads, num_landmarks=m, conv_kernel_size=K,
+                            segments="even" if divisible else "front_pad",
+                            pinv_init="global").double()  # the peer takes max row/col sums over the whole batch
     with torch.no_grad():
-        ours.to_qkv.weight.copy_(peer.to_qkv.weight)
-        ours.to_out.weight.copy_(peer.to_out[0].weight)
-        ours.to_out.bias.copy_(peer.to_out[0].bias)
-        ours.conv_kernel.copy_(peer.res_conv.weight.view(heads, K))
+        for lin, w in zip((ours.q_proj, ours.k_proj, ours.v_proj), peer.to_qkv.weight.chunk(3, dim=0)):
+            lin.weight.copy_(w)
+            lin.bias.zero_()  # the peer's to_qkv has no bias
+        ours.out_proj.weight.copy_(peer.to_out[0].weight)
+        ours.out_proj.bias.copy_(peer.to_out[0].bias)
+        ours.core.conv_kernel.copy_(peer.res_conv.weight.view(heads, K))
     x = torch.randn(2, n, dim, dtype=F64)
     if lengths is None:
         # Without a mask the peer would attend to its own zero padding tokens when m does not divide N.
@@ -236,5 +241,5 @@ def test_matches_nystrom_attention_peer_same_weights(n, lengths):
     else:
         lens = torch.tensor(lengths)
         mask = torch.arange(n)[None, :] < lens[:, None]
-        got, want = ours(x, key_padding=masks.key_padding(lens)), peer(x, mask=mask)
+        got, want = ours(x, key_padding_mask=~mask), peer(x, mask=mask)
         torch.testing.assert_close(got[mask], want[mask], **tol(F64))  # the peer's padded rows are garbage

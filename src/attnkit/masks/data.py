@@ -1,20 +1,21 @@
 """Data-carrying mask specs: key padding, packed documents, dense tensors, functions.
 
-Legend: B batch, H query heads, Nq queries, Nk keys. Conventions as in ``attnkit.masks``
-(True = may attend; query positions in key coordinates, bottom-right aligned). Re-exported by
-``attnkit.masks``.
+Legend: B batch, H query heads, Nq queries, Nk keys. Conventions as in ``attnkit.masks.base``
+(True = may attend; query positions in key coordinates, bottom-right aligned).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._validate import shape_str
-from .masks import Mask, _check_keys, _check_rows, _classify, _tile_bounds, evaluate_tiles, gather_dense
+from .._validate import check_broadcastable, shape_str
+from .base import Mask, _check_keys, _check_rows, _classify, _tile_bounds, evaluate_tiles, gather_dense
 
 
 class KeyPadding(Mask):
     """Keys j < lengths[b] are real; later keys are padding and never attended."""
+
+    key_only = True
 
     def __init__(self, lengths: torch.Tensor):
         if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
@@ -28,12 +29,19 @@ class KeyPadding(Mask):
     def device(self):
         return self.lengths.device
 
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
     def allows(self, b, h, q, k, *, num_keys=None):
         return k < self.lengths.to(k.device)[b]
 
     def check(self, nq, nk, *, batch=1, heads=1):
         if self.lengths.shape[0] != batch:
             raise ValueError(f"key_padding: lengths has {self.lengths.shape[0]} entries, expected batch size B={batch}")
+        if self.lengths.numel() and int(self.lengths.max()) > nk:
+            raise ValueError(f"key_padding: lengths {self.lengths.tolist()} exceed the number of keys Nk={nk}; "
+                             "each length counts the real keys of its sequence (0 <= length <= Nk)")
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         self.check(nq, nk, batch=batch, heads=heads)
@@ -56,8 +64,14 @@ def key_padding(lengths: torch.Tensor) -> Mask:
 class KeyValid(Mask):
     """Per-key validity (B, Nk), True = real key. Built from a padding tensor."""
 
+    key_only = True
+
     def __init__(self, valid: torch.Tensor):
         self.valid = valid
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
 
     @property
     def device(self):
@@ -91,10 +105,15 @@ class Document(Mask):
     """Packed sequences: a query attends only keys of its own document (ids (B, Nk))."""
 
     def __init__(self, ids: torch.Tensor):
-        if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.is_floating_point():
+        if (not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.is_floating_point()
+                or ids.dtype == torch.bool or ids.is_complex()):
             got = f"{ids.dtype} {shape_str(ids)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"document: ids must be an integer tensor (Nk,) or (B, Nk), got {got}")
         self.ids = (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(torch.int64)
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.ids.shape[0] if self.ids.shape[0] > 1 else None
 
     @property
     def device(self):
@@ -149,6 +168,22 @@ class TensorMask(Mask):
         self.tensor, self.nq, self.nk = tensor, nq, nk
 
     @property
+    def dense_tensor(self) -> torch.Tensor:
+        return self.tensor
+
+    @property
+    def key_only(self) -> bool:
+        return self.tensor.shape[2] == 1
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.tensor.shape[0] if self.tensor.shape[0] > 1 else None
+
+    @property
+    def num_heads(self) -> int | None:
+        return self.tensor.shape[1] if self.tensor.shape[1] > 1 else None
+
+    @property
     def device(self):
         return self.tensor.device
 
@@ -168,10 +203,13 @@ class TensorMask(Mask):
             raise ValueError(f"this tensor mask is for Nk={self.nk}, asked for Nk={num_keys}")
         return gather_dense(self.tensor, self.nq, self.nk, b, h, q, k)
 
-    def to_dense(self, nq, nk=None, *, batch=1, heads=1, device=None):
+    def to_dense(self, nq, nk=None, *, batch=None, heads=None, device=None):
         nk = nq if nk is None else nk
         if (nq, nk) != (self.nq, self.nk):
             raise ValueError(f"this tensor mask is for (Nq, Nk) = ({self.nq}, {self.nk}), asked for ({nq}, {nk})")
+        batch = (self.batch_size or 1) if batch is None else batch
+        heads = (self.num_heads or 1) if heads is None else heads
+        self.check(nq, nk, batch=batch, heads=heads)
         return torch.broadcast_to(self.tensor, (batch, heads, nq, nk))
 
     def __repr__(self):
@@ -195,3 +233,26 @@ class FunctionMask(Mask):
 def from_function(fn, name: str | None = None) -> Mask:
     """A mask from ``fn(b, h, q, k) -> bool tensor`` (flex's mask_mod; q in key coordinates)."""
     return FunctionMask(fn, name)
+
+
+def as_mask(mask, *, batch: int, heads: int, nq: int, nk: int, device=None, name: str = "mask",
+            float_hint: str = "pass float additive terms as bias=") -> Mask | None:
+    """The one normaliser of a ``mask=`` argument: None, a spec, or a bool tensor (True = may attend)
+    broadcastable to (B, H, Nq, Nk), returned as a spec checked against these sizes.
+
+    Raises TypeError / ValueError naming ``name`` for anything else (float tensors: pass them
+    as bias=; wrong shapes; another device).
+    """
+    if mask is None:
+        return None
+    if isinstance(mask, Mask):
+        mask.check(nq, nk, batch=batch, heads=heads)  # data (lengths, ids, layouts) must fit
+        return mask
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be None, a bool tensor or an attnkit.masks spec, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = may attend), got dtype {mask.dtype}; {float_hint}")
+    if device is not None and mask.device != torch.device(device):
+        raise ValueError(f"{name} is on {mask.device} but q is on {device}; move it with .to(q.device)")
+    check_broadcastable(name, mask, (batch, heads, nq, nk), "(B, Hq, Nq, Nk)")
+    return TensorMask(mask, nq, nk)
