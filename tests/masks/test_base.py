@@ -292,3 +292,16 @@ def test_specs_are_traceable_elementwise():
             want = spec.to_dense(4, 4)[0, 0, 3] if dim == 3 else spec.to_dense(4, 4)[0, 0, :, 3] if dim == 2 else None
             if want is not None:
                 assert torch.equal(got, want), (spec, dim)
+
+
+def test_to_dense_of_a_data_spec_covers_its_whole_batch():
+    """Without batch=, a data spec's dense form has one row per sequence it carries (not just the
+    first), and a batch= that does not fit raises instead of broadcasting silently."""
+    spec = M.key_padding(torch.tensor([7, 20]))
+    dense = spec.to_dense(20, 20)
+    assert dense.shape == (2, 1, 20, 20)
+    assert dense[0, 0, 0].sum() == 7 and dense[1, 0, 0].sum() == 20
+    with pytest.raises(ValueError, match="lengths has 2 entries, expected batch size B=3"):
+        spec.to_dense(20, 20, batch=3)
+    assert M.causal().to_dense(3).shape == (1, 1, 3, 3)
+    assert M.block_sparse(torch.ones(3, 2, 2, dtype=torch.bool), 2).to_dense(4).shape == (1, 3, 4, 4)

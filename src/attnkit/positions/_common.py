@@ -12,18 +12,9 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .._validate import check_broadcastable, check_qkv, check_scale  # noqa: F401  (re-exported)
-from ..masks import EMPTY, FULL, PARTIAL, Mask
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half and bfloat16 inputs are computed in float32 (statistics and sums)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, Hk, N, D) -> (B, Hk * groups, N, D): query head h reads kv head h // groups."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+from .._numerics import compute_dtype, expand_kv, safe_softmax  # noqa: F401  (re-exported for shaw, xl)
+from .._validate import check_qkv, check_scale  # noqa: F401  (re-exported)
+from ..masks import TileMap, as_mask
 
 
 def check_chunk(chunk_size: int) -> int:
@@ -36,88 +27,39 @@ KEY_BLOCK = 64  # key granularity of the per-chunk key span
 
 
 def masked_softmax(s: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over keys with ``blocked`` (bool, broadcastable to s) pairs excluded.
-
-    One fused softmax; rows with every key blocked give zeros and zero gradient (never NaN).
-    """
+    """Softmax over keys with ``blocked`` pairs excluded; all-blocked rows give zeros (never NaN).
+    One fused softmax when no row is empty."""
     if blocked is None:
         return torch.softmax(s, dim=-1)
-    s = s.masked_fill(blocked, float("-inf"))
     empty = blocked.all(dim=-1, keepdim=True)  # (..., C, 1), as small as the mask
     if bool(empty.any()):
-        return torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    return torch.softmax(s, dim=-1)
+        return safe_softmax(s, blocked)
+    return torch.softmax(s.masked_fill(blocked, float("-inf")), dim=-1)
 
 
 class ChunkedMask:
     """Per query chunk: the span of keys the mask can allow, and the blocked pairs inside it.
 
-    ``mask`` is None, an ``attnkit.masks`` spec (evaluated on index tensors for the chunk's rows
-    and key span only, so memory stays O(C * Nk)), or a bool tensor broadcastable to
-    (B, Hq, Nq, Nk) with True = may attend.
+    ``mask`` is None, an ``attnkit.masks`` spec or a bool tensor broadcastable to
+    (B, Hq, Nq, Nk) with True = may attend (``masks.as_mask``). The tile planner
+    (``masks.TileMap``, tiles of (chunk, KEY_BLOCK)) gives each chunk's key span; the mask is
+    evaluated only on that span of a chunk with partial tiles, so memory stays O(C * Nk).
     """
 
     def __init__(self, mask, *, batch: int, heads: int, nq: int, nk: int, chunk: int, device):
-        self.batch, self.heads, self.nq, self.nk, self.chunk, self.device = batch, heads, nq, nk, chunk, device
-        self.spec = self.tensor = None
-        self.status = None  # (Tq, Tk) int8 tile map reduced over batch and heads, for specs
-        if mask is None:
-            return
-        if isinstance(mask, Mask):
-            mask.check(nq, nk, batch=batch, heads=heads)  # data (lengths, ids, layouts) must fit the input
-            self.spec = mask
-            t = mask.tiles(nq, nk, chunk, KEY_BLOCK, batch=batch, heads=heads, device=device)  # (B', H', Tq, Tk)
-            lo, hi = t.amin(dim=(0, 1)), t.amax(dim=(0, 1))
-            self.status = torch.where(lo == FULL, FULL, torch.where(hi == EMPTY, EMPTY, PARTIAL)).cpu()
-            return
-        if isinstance(mask, torch.Tensor):
-            if mask.dtype != torch.bool:
-                raise TypeError(
-                    f"mask must be a bool tensor (True = may attend) or an attnkit.masks spec, got dtype {mask.dtype}"
-                )
-            check_broadcastable("mask", mask, (batch, heads, nq, nk), "(B, Hq, Nq, Nk)")
-            if mask.device != device:
-                raise ValueError(f"mask is on {mask.device} but q is on {device}")
-            t = mask
-            while t.dim() < 4:
-                t = t.unsqueeze(0)  # (B', H', Nq', Nk')
-            self.tensor = t
-            return
-        raise TypeError(f"mask must be None, a bool tensor or an attnkit.masks spec, got {type(mask).__name__}")
+        spec = as_mask(mask, batch=batch, heads=heads, nq=nq, nk=nk, device=device)
+        self.chunk, self.nk = chunk, nk
+        self.tiles = TileMap(spec, batch=batch, heads=heads, nq=nq, nk=nk, block_q=chunk, block_k=KEY_BLOCK,
+                             device=device)
 
     def span(self, lo: int, hi: int) -> tuple[int, int, torch.Tensor | None]:
         """(k0, k1, blocked) for query rows [lo, hi): keys outside [k0, k1) are blocked for every
         row; ``blocked`` is a bool tensor broadcastable to (B, Hq, hi - lo, k1 - k0), or None.
         k0 == k1 means the whole chunk is masked."""
-        nk = self.nk
-        if self.spec is not None:
-            row = self.status[lo // self.chunk]  # (Tk,)
-            nz = torch.nonzero(row != EMPTY).flatten()
-            if nz.numel() == 0:
-                return 0, 0, None
-            t0, t1 = int(nz[0]), int(nz[-1]) + 1
-            k0, k1 = t0 * KEY_BLOCK, min(nk, t1 * KEY_BLOCK)
-            if bool((row[t0:t1] == FULL).all()):
-                return k0, k1, None
-            b = torch.arange(self.batch, device=self.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-            h = torch.arange(self.heads, device=self.device).view(1, -1, 1, 1)  # (1, Hq, 1, 1)
-            q = (torch.arange(lo, hi, device=self.device) + (nk - self.nq)).view(1, 1, -1, 1)  # (1, 1, C, 1)
-            k = torch.arange(k0, k1, device=self.device).view(1, 1, 1, -1)  # (1, 1, 1, Lk)
-            allowed = self.spec.allows(b, h, q, k, num_keys=nk)
-            if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
-                raise TypeError(f"mask spec {self.spec!r} returned {getattr(allowed, 'dtype', type(allowed))}, expected bool")
-            return k0, k1, ~allowed
-        if self.tensor is not None:
-            t = self.tensor
-            rows = t if t.shape[2] == 1 else t[:, :, lo:hi]  # (B', H', C', Nk')
-            if t.shape[3] == 1:
-                return (0, nk, ~rows) if bool(rows.any()) else (0, 0, None)
-            cols = torch.nonzero(rows.any(dim=(0, 1, 2))).flatten()
-            if cols.numel() == 0:
-                return 0, 0, None
-            k0, k1 = int(cols[0]), int(cols[-1]) + 1
-            return k0, k1, ~rows[..., k0:k1]
-        return 0, nk, None
+        k0, k1, full = self.tiles.span(lo // self.chunk)
+        if k1 <= k0 or full:
+            return k0, k1, None
+        return k0, k1, ~self.tiles.allowed(lo, hi, k0, k1)
 
 
 def run_chunks(chunk_fn: Callable, masks: ChunkedMask, *, shape: tuple[int, int, int, int], dtype, device,

@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import _validate as V
-from .._numerics import compute_dtype, safe_softmax_lse
+from .._numerics import compute_dtype, expand_kv, safe_softmax_lse
 from .base import Variant, check_bool, pos_int, split_key_mask
 
 _REASON = "queries and keys are sorted into hash buckets, so there is no dense score matrix to mask"
@@ -348,7 +348,7 @@ class LSHCore(nn.Module):
         if self.training:
             seed, self.calls = s.seed * 1_000_003 + self.calls, self.calls + 1
         G = q.shape[1] // v.shape[1]
-        out = lsh_attention(q, v.repeat_interleave(G, dim=1) if G > 1 else v, n_hashes=s.n_hashes,
+        out = lsh_attention(q, expand_kv(v, G), n_hashes=s.n_hashes,
                             bucket_size=s.bucket_size, n_buckets=s.n_buckets, causal=s.causal, mask=mask, seed=seed)
         return out, None
 
