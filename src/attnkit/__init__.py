@@ -12,6 +12,7 @@ with no allowed key gives zeros (never NaN); default scale 1/sqrt(D).
 """
 
 from . import biases, caches, masks, models, nn, positions, variants
+from ._version import __version__
 from .dispatch import NoBackendError
 from .functional import attention, which_backend
 from .nn import (
@@ -36,8 +37,6 @@ from .variants import (
     performer_attention_step,
     shared_qk_attention,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "attention", "which_backend", "masks", "biases", "positions", "variants", "caches", "NoBackendError",

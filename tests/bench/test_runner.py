@@ -73,6 +73,6 @@ def test_cli_options():
                                              "--threads", "1", "--out", "x"]))
     assert cfg.sizes == (256, 512) and cfg.modes == ("fwd",) and cfg.threads == 1
     assert "softmax/dense/attnkit.auto" in runner.select_cases(cfg) and "softmax/dense/flex" not in runner.select_cases(cfg)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--modes takes fwd and/or bwd, got 'sideways'"):
         cli.config_from_args(p.parse_args(["--modes", "sideways"]))
     assert torch.get_num_threads() >= 1

@@ -1,7 +1,12 @@
-"""Bench reports: a markdown table, a CSV and a log-log PNG (time and peak memory vs N).
+"""Bench reports: a markdown table, a CSV and a log-log PNG (time and peak memory vs N), and the
+one-line progress note per finished task.
 
 One row per (family, variant, impl, mode); one column per N with "median s / peak RSS MiB"
 (or the failure reason). The CSV has one line per task with every measured number.
+
+``memory=False`` (``attnkit bench --quick``, all tasks in one process) leaves peak RSS out of the
+table, the CSV and the plot: a process's high-water mark then includes every earlier task's
+memory, so it would not describe the task in its row.
 """
 
 from __future__ import annotations
@@ -16,24 +21,35 @@ CSV_FIELDS = ["family", "variant", "impl", "N", "mode", "status", "reason", "med
               "peak_rss_mib", "rss_before_mib", "alloc_peak_mib", "gflops", "matmul_ratio"]
 
 
-def write_csv(results: list[Result], path: str) -> None:
+PROCESS_MEMORY_FIELDS = ("peak_rss_mib", "rss_before_mib")  # process-wide readings: per task only in a fresh process
+
+
+def write_csv(results: list[Result], path: str, *, memory: bool = True) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in results:
-            w.writerow({k: getattr(r, k) for k in CSV_FIELDS})
+            w.writerow({k: "" if not memory and k in PROCESS_MEMORY_FIELDS else getattr(r, k) for k in CSV_FIELDS})
 
 
-def _cell(r: Result) -> str:
+def progress(r: Result, done: int, total: int) -> str:
+    """``[3/24] softmax/dense/sdpa N=512 fwd: ok``: what finished, not its numbers (the table has them)."""
+    why = "" if r.status == "ok" else f" ({r.reason})"
+    return f"[{done}/{total}] {r.family}/{r.variant}/{r.impl} N={r.N} {r.mode}: {r.status}{why}"
+
+
+def _cell(r: Result, memory: bool) -> str:
     if r.status != "ok":
         return f"{r.status}: {r.reason[:40]}"
-    s = f"{r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f}) / {r.peak_rss_mib:.0f}"
+    s = f"{r.median_s:.3f} ({r.min_s:.3f}-{r.max_s:.3f})"
+    if memory:
+        s += f" / {r.peak_rss_mib:.0f}"
     if r.gflops:
         s += f" / {r.gflops:.0f}"
     return s
 
 
-def markdown(results: list[Result], matmul_gflops: float | None, header: str = "") -> str:
+def markdown(results: list[Result], matmul_gflops: float | None, header: str = "", *, memory: bool = True) -> str:
     sizes = sorted({r.N for r in results})
     rows = defaultdict(dict)
     for r in results:
@@ -43,20 +59,23 @@ def markdown(results: list[Result], matmul_gflops: float | None, header: str = "
         lines += [header, ""]
     if matmul_gflops:
         lines += [f"fp32 matmul rate (2048^3, same threads): {matmul_gflops:.1f} GFLOP/s", ""]
-    lines += ["Cells: median s (min-max) / peak RSS MiB / useful GFLOP/s. 'first' = first call (includes compile).", ""]
+    cells = "median s (min-max) / peak RSS MiB / useful GFLOP/s" if memory else (
+        "median s (min-max) / useful GFLOP/s (no peak RSS: all tasks share one process)")
+    lines += [f"Cells: {cells}. 'first' = first call (includes compile).", ""]
     lines.append("| family | variant | mode | impl | " + " | ".join(f"N={n}" for n in sizes) + " | first call s |")
     lines.append("|---" * (5 + len(sizes)) + "|")
     for key in sorted(rows):
         fam, var, mode, impl = key
-        cells = [(_cell(rows[key][n]) if n in rows[key] else "") for n in sizes]
+        cells = [(_cell(rows[key][n], memory) if n in rows[key] else "") for n in sizes]
         firsts = [f"{rows[key][n].first_s:.2f}" for n in sizes if n in rows[key] and rows[key][n].first_s is not None]
         lines.append(f"| {fam} | {var} | {mode} | {impl} | " + " | ".join(cells) + f" | {', '.join(firsts)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[Result], path: str) -> str | None:
-    """Log-log time and peak RSS vs N, one panel pair per (family, variant); None if matplotlib
-    is missing (the reason is returned by ``plot_unavailable``)."""
+def plot(results: list[Result], path: str, *, memory: bool = True) -> str | None:
+    """Log-log time (and, with ``memory``, peak RSS) vs N, one panel row per (family, variant).
+
+    Returns None when written, else why not (matplotlib missing, nothing to plot)."""
     try:
         import matplotlib
 
@@ -71,7 +90,8 @@ def plot(results: list[Result], path: str) -> str | None:
     if not groups:
         return "no successful results to plot"
     keys = sorted(groups)
-    fig, axes = plt.subplots(len(keys), 2, figsize=(11, 3.2 * len(keys)), squeeze=False)
+    panels = (("time (s)", "median_s"), ("peak RSS (MiB)", "peak_rss_mib"))[:2 if memory else 1]
+    fig, axes = plt.subplots(len(keys), len(panels), figsize=(5.5 * len(panels), 3.2 * len(keys)), squeeze=False)
     for row, key in enumerate(keys):
         series = defaultdict(list)
         for r in groups[key]:
@@ -80,9 +100,9 @@ def plot(results: list[Result], path: str) -> str | None:
             rs.sort(key=lambda r: r.N)
             style = "-" if mode == "fwd" else "--"
             ns = [r.N for r in rs]
-            axes[row][0].plot(ns, [r.median_s for r in rs], style, marker="o", label=f"{impl} {mode}")
-            axes[row][1].plot(ns, [r.peak_rss_mib for r in rs], style, marker="o", label=f"{impl} {mode}")
-        for col, ylabel in enumerate(("time (s)", "peak RSS (MiB)")):
+            for col, (_, field) in enumerate(panels):
+                axes[row][col].plot(ns, [getattr(r, field) for r in rs], style, marker="o", label=f"{impl} {mode}")
+        for col, (ylabel, _) in enumerate(panels):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -172,8 +172,12 @@ def _summarise(r: dict, matmul_gflops: float | None) -> Result:
     return res
 
 
-def run(cfg: BenchConfig, log=print) -> tuple[list[Result], float | None]:
-    """Run the sweep; returns the results and the measured fp32 matmul rate (GFLOP/s)."""
+def run(cfg: BenchConfig, log=print, on_result=None) -> tuple[list[Result], float | None]:
+    """Run the sweep; returns the results and the measured fp32 matmul rate (GFLOP/s).
+
+    ``on_result(result)`` is called as each task finishes (default: ``log`` a summary line).
+    """
+    on_result = on_result or (lambda res: log(_line(res)))
     keys = select_cases(cfg)
     base = dict(warmup=cfg.warmup, repeats=cfg.repeats, threads=cfg.threads)
     mm = _spawn([dict(base, case="__matmul__")], cfg, log)
@@ -187,7 +191,7 @@ def run(cfg: BenchConfig, log=print) -> tuple[list[Result], float | None]:
         for r in _spawn(tasks, cfg, log):
             res = _summarise(r, matmul)
             results.append(res)
-            log(_line(res))
+            on_result(res)
         keys = []
     for key in keys:
         for mode in cfg.modes:
@@ -209,7 +213,7 @@ def run(cfg: BenchConfig, log=print) -> tuple[list[Result], float | None]:
             for r in raw:
                 res = _summarise(r, matmul)
                 results.append(res)
-                log(_line(res))
+                on_result(res)
     for name, err in IMPORT_ERRORS.items():
         log(f"could not import {name}: {err}")
     return results, matmul

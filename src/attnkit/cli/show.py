@@ -1,20 +1,31 @@
-"""``attnkit show SPEC --size N``: draw a mask spec (ASCII + PNG) or a positional bias (heat map).
+"""``attnkit show SPEC --size N``: draw a mask spec (ASCII) or a positional bias (numbers), and a
+PNG (or SVG/PDF) of it when ``--out FILE`` is given (that needs matplotlib: ``attnkit[cli]``).
 
 SPEC is a small expression over the spec constructors, e.g. ``causal``,
 ``"sliding_window(3) | global_tokens([0])"``, ``"bigbird(block_size=4)"``, ``"alibi(8)"``.
-It is parsed with ``ast`` and only whitelisted constructors, literals, ``&`` and ``|`` are
-accepted (nothing is eval'ed). Lists become tensors.
+It is parsed with ``ast`` and only whitelisted constructors, literals, ``&`` and ``|`` (masks)
+and ``+`` (biases) are accepted (nothing is eval'ed). Lists become tensors.
+
+Nothing is written unless ``--out`` is given; then the path written is printed. The drawing is
+an Nq x Nk matrix, so both sizes are capped at ``MAX_SIZE``.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
+import os
 
 import torch
 
 from .. import masks as M
 from ..biases import Bias
+
+MAX_SIZE = 2048  # per side: show materialises the Nq x Nk matrix; a PNG cannot resolve more anyway
+ASCII_MAX_MASK, ASCII_MAX_BIAS = 160, 24  # widest picture / number grid printed to the terminal
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
+INSTALL_HINT = "pip install 'attnkit[cli]'"
 
 
 def _constructors() -> dict:
@@ -30,8 +41,12 @@ def _constructors() -> dict:
     return names
 
 
-def _to_value(node: ast.AST):
-    value = ast.literal_eval(node)
+def _to_value(node: ast.AST, where: str):
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        raise ValueError(f"{where}: {ast.unparse(node)!r} is not a literal (use numbers, strings, lists, "
+                         "True/False/None)") from None
     if isinstance(value, list):
         value = torch.tensor(value)
         if value.dtype == torch.int64 and value.dim() == 2 and set(value.unique().tolist()) <= {0, 1}:
@@ -39,23 +54,36 @@ def _to_value(node: ast.AST):
     return value
 
 
+_OPERATORS = {ast.BitAnd: ("&", lambda a, b: a & b), ast.BitOr: ("|", lambda a, b: a | b),
+              ast.Add: ("+", lambda a, b: a + b)}
+
+
 def parse_spec(text: str, names: dict | None = None):
     """Build a mask or bias spec from an expression such as ``causal & sliding_window(3)``."""
     names = _constructors() if names is None else names
 
     def build(node):
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)):
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            symbol, op = _OPERATORS[type(node.op)]
             left, right = build(node.left), build(node.right)
-            return left & right if isinstance(node.op, ast.BitAnd) else left | right
+            kinds = {type(x).__name__ for x in (left, right)}
+            ok = (isinstance(left, M.Mask) and isinstance(right, M.Mask) and symbol != "+") or (
+                isinstance(left, Bias) and isinstance(right, Bias) and symbol == "+")
+            if not ok:
+                raise ValueError(f"cannot combine {' and '.join(sorted(kinds))} with {symbol!r}: masks combine "
+                                 "with & and |, biases with +; draw a bias under a mask with --mask")
+            return op(left, right)
         if isinstance(node, ast.Name):
             node = ast.Call(func=node, args=[], keywords=[])
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id not in names:
-                raise ValueError(f"unknown spec {node.func.id!r}; known: {', '.join(sorted(names))}")
-            args = [_to_value(a) for a in node.args]
-            kwargs = {kw.arg: _to_value(kw.value) for kw in node.keywords}
-            return names[node.func.id](*args, **kwargs)
-        raise ValueError(f"cannot read {ast.unparse(node)!r}: use constructor calls combined with & and |")
+            name = node.func.id
+            if name not in names:
+                raise ValueError(f"unknown spec {name!r}; known: {', '.join(sorted(names))}")
+            args = [_to_value(a, name) for a in node.args]
+            kwargs = {kw.arg: _to_value(kw.value, name) for kw in node.keywords}
+            return names[name](*args, **kwargs)
+        raise ValueError(f"cannot read {ast.unparse(node)!r}: use constructor calls combined with & and | "
+                         "(masks) or + (biases)")
 
     try:
         tree = ast.parse(text, mode="eval")
@@ -66,14 +94,36 @@ def parse_spec(text: str, names: dict | None = None):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help='e.g. causal, "sliding_window(3) | global_tokens([0])", "bigbird(block_size=4)", "alibi(8)"')
-    p.add_argument("--size", type=int, default=32, help="sequence length N (queries and keys)")
-    p.add_argument("--nq", type=int, default=None, help="number of queries if different from --size (bottom-right aligned)")
-    p.add_argument("--head", type=int, default=0, help="which head to draw")
+    p.add_argument("--size", type=int, default=32, help=f"sequence length N of the keys (and queries), 1..{MAX_SIZE}")
+    p.add_argument("--nq", type=int, default=None,
+                   help=f"number of queries if different from --size (bottom-right aligned), 1..{MAX_SIZE}")
+    p.add_argument("--head", type=int, default=0, help="which head to draw (>= 0)")
     p.add_argument("--mask", default=None, help='for a bias: blank out pairs this mask blocks, e.g. "causal"')
-    p.add_argument("--out", default=None, help="PNG path (default: show-<spec>.png; 'none' for ASCII only)")
+    p.add_argument("--out", default=None,
+                   help=f"also draw it into this file ({', '.join(IMAGE_SUFFIXES)}; needs matplotlib: {INSTALL_HINT})")
 
 
-def _png(matrix: torch.Tensor, title: str, path: str, heat: bool) -> None:
+def check_args(args) -> None:
+    """Reject option values before any work, naming the option, its value and what is allowed."""
+    for opt, value in (("--size", args.size), ("--nq", args.nq)):
+        if value is None:
+            continue
+        if value < 1:
+            raise ValueError(f"{opt} must be >= 1, got {value}")
+        if value > MAX_SIZE:
+            raise ValueError(f"{opt} {value} is above show's limit of {MAX_SIZE} (it draws the whole Nq x Nk "
+                             f"matrix); draw a smaller N, the pattern repeats")
+    if args.head < 0:
+        raise ValueError(f"--head must be >= 0, got {args.head}")
+    if args.out is not None and not args.out.lower().endswith(IMAGE_SUFFIXES):
+        raise ValueError(f"--out must name a {', '.join(IMAGE_SUFFIXES)} file, got {args.out!r}")
+
+
+def has_matplotlib() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _image(matrix: torch.Tensor, title: str, path: str, heat: bool) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -91,34 +141,54 @@ def _png(matrix: torch.Tensor, title: str, path: str, heat: bool) -> None:
     plt.close(fig)
 
 
+def _draw_bias(spec: Bias, args, nq: int, nk: int) -> torch.Tensor:
+    dense = spec.to_dense(nq, nk, heads=args.head + 1)
+    matrix = dense.expand(1, args.head + 1, nq, nk)[0, args.head].clone()  # (Nq, Nk)
+    if args.mask:
+        blocker = parse_spec(args.mask)
+        if not isinstance(blocker, M.Mask):
+            raise ValueError(f"--mask {args.mask!r} is not a mask spec (got {type(blocker).__name__})")
+        matrix[~blocker.to_dense(nq, nk, heads=args.head + 1)[0, args.head]] = float("nan")  # drawn blank
+    finite = matrix[~matrix.isnan()]
+    summary = f"min {finite.min():.3f}, max {finite.max():.3f}" if finite.numel() else "every pair blocked by --mask"
+    print(f"{spec!r}  head {args.head}, Nq={nq}, Nk={nk}; {summary}")
+    if nk <= ASCII_MAX_BIAS:
+        print("\n".join(" ".join(f"{x:6.2f}" for x in row.tolist()) for row in matrix))
+    else:
+        print(f"(Nk > {ASCII_MAX_BIAS}: too wide for the numbers; --out FILE.png draws the heat map)")
+    return matrix
+
+
+def _draw_mask(spec: M.Mask, args, nq: int, nk: int) -> torch.Tensor:
+    if args.mask:
+        raise ValueError(f"--mask applies to a bias spec; combine masks with & instead: '{args.spec} & {args.mask}'")
+    matrix = spec.to_dense(nq, nk, heads=args.head + 1)[0, args.head]  # (Nq, Nk)
+    density = matrix.float().mean().item()
+    print(f"{spec!r}  head {args.head}, Nq={nq}, Nk={nk}; {density:.1%} of pairs may attend ('#')")
+    if nk <= ASCII_MAX_MASK:
+        print(spec.picture(nq, nk, head=args.head))
+    else:
+        print(f"(Nk > {ASCII_MAX_MASK}: too wide for ASCII; --out FILE.png draws it)")
+    return matrix
+
+
 def run(args) -> int:
+    check_args(args)
     spec = parse_spec(args.spec)
-    nk, nq = args.size, args.nq or args.size
+    nk = args.size
+    nq = nk if args.nq is None else args.nq
     if isinstance(spec, Bias):
-        dense = spec.to_dense(nq, nk, heads=args.head + 1)
-        matrix = dense.expand(1, args.head + 1, nq, nk)[0, args.head].clone()
-        if args.mask:
-            blocked = ~parse_spec(args.mask).to_dense(nq, nk, heads=args.head + 1)[0, args.head]
-            matrix[blocked] = float("nan")  # drawn blank; ASCII shows nan
-        finite = matrix[~matrix.isnan()]
-        print(f"{spec!r}  head {args.head}, Nq={nq}, Nk={nk}; min {finite.min():.3f}, max {finite.max():.3f}")
-        if nk <= 24:
-            print("\n".join(" ".join(f"{x:6.2f}" for x in row.tolist()) for row in matrix))
-        heat = True
+        matrix, heat = _draw_bias(spec, args, nq, nk), True
     elif isinstance(spec, M.Mask):
-        matrix = spec.to_dense(nq, nk, heads=args.head + 1)[0, args.head]
-        density = matrix.float().mean().item()
-        print(f"{spec!r}  head {args.head}, Nq={nq}, Nk={nk}; {density:.1%} of pairs may attend ('#')")
-        if nk <= 160:
-            print(spec.picture(nq, nk, head=args.head))
-        else:
-            print("(too wide for ASCII; see the PNG)")
-        heat = False
+        matrix, heat = _draw_mask(spec, args, nq, nk), False
     else:
         raise ValueError(f"{args.spec!r} is neither a mask nor a bias spec")
-    if args.out != "none":
-        slug = "".join(c if c.isalnum() else "_" for c in args.spec).strip("_")[:60]
-        path = args.out or f"show-{slug}.png"
-        _png(matrix, repr(spec) + ("" if heat else "\nblack = may attend"), path, heat)
-        print(f"wrote {path}")
+    if args.out is None:
+        need = "" if has_matplotlib() else f" (needs matplotlib: {INSTALL_HINT})"
+        print(f"For a picture file add --out FILE.png{need}.")
+        return 0
+    if not has_matplotlib():
+        raise ValueError(f"--out {args.out!r} needs matplotlib, which is not installed: {INSTALL_HINT}")
+    _image(matrix, repr(spec) + ("" if heat else "\nblack = may attend"), args.out, heat)
+    print(f"wrote {os.path.abspath(args.out)}")
     return 0
