@@ -76,8 +76,8 @@ def test_no_backend_error_is_a_user_error(monkeypatch, capsys):
     assert "does not return attention weights" in line
 
 
-@pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), TypeError("bad type"), KeyError("k"),
-                                 FileNotFoundError(2, "No such file or directory")])
+@pytest.mark.parametrize("exc", [ValueError("bad\nvalue"), TypeError("bad type"),
+                                 FileNotFoundError(2, "No such file or directory"), PermissionError(13, "denied")])
 def test_user_errors_are_one_line_exit_2(exc, monkeypatch, capsys):
     def run(args):
         raise exc
@@ -93,6 +93,10 @@ def test_a_bug_is_one_line_exit_1_and_v_shows_the_traceback(monkeypatch, capsys)
     assert main(["show", "causal"]) == 1
     line = _one_line_error(capsys, "attnkit show: internal error (RuntimeError): boom")
     assert "-v" in line
+    monkeypatch.setattr(show, "run", lambda args: {}["missing"])
+    assert main(["show", "causal"]) == 1
+    _one_line_error(capsys, "attnkit show: internal error (KeyError): 'missing'")
+    monkeypatch.setattr(show, "run", run)
     with pytest.raises(RuntimeError, match="boom"):
         main(["-v", "show", "causal"])
 

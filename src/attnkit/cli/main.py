@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..dispatch import NoBackendError
 
-    # ValueError/TypeError: bad values (the library's argument checks); LookupError: unknown names;
-    # OSError: a path that cannot be read or written; NoBackendError: no backend fits the request.
-    return (ValueError, TypeError, LookupError, OSError, NoBackendError)
+    # ValueError/TypeError: bad values (the library's argument checks); OSError: a path that cannot
+    # be read or written; NoBackendError: no backend fits the request.
+    return (ValueError, TypeError, OSError, NoBackendError)
 
 
 def main(argv: list[str] | None = None) -> int:

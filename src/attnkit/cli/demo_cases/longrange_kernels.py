@@ -98,7 +98,7 @@ def _performer(is_causal: bool, vs_softmax: bool):
         if vs_softmax:
             return Prepared(run=run, reference=lambda: exact_softmax(qd, kd, vd, is_causal),
                             backend="attnkit.performer vs exact softmax", expected_error=PERFORMER_EXPECTED_MAX_ERROR,
-                            bound_source="docs/longrange-kernels.md, error_table() in this file")
+                            bound_source="docs/longrange-kernels.md, approximation error table")
         allowed = causal().to_dense(N, N) if is_causal else None
         return Prepared(run=run, reference=lambda: _performer_formula(qd, kd, vd, w, allowed),
                         backend="attnkit.performer (same features)")

@@ -90,7 +90,7 @@ def _nystrom_full_row():
     bound = pinv_bound(q, k, v, 20) + tol(torch.float32, "nystrom")["atol"] * 10
     return Prepared(run=lambda: nystrom_attention(*f32, num_landmarks=64, pinv_iterations=20),
                     reference=lambda: exact_softmax(q, k, v), backend="attnkit.nystrom (m == N, vs exact)",
-                    expected_error=bound, bound_source="the pinv error law, docs/longrange-lowrank.md")
+                    expected_error=bound, bound_source="docs/longrange-lowrank.md, the pinv error law")
 
 
 def _lsh_one_chunk_row():
@@ -106,7 +106,7 @@ def _lsh_row():
     f32 = [t.float() for t in (qk, v)]
     return Prepared(run=lambda: lsh_attention(*f32, n_hashes=8, bucket_size=64, seed=0),
                     reference=lambda: shared_qk_attention(qk, v), backend="attnkit.lsh (vs exact shared-QK)",
-                    expected_error=LSH_R8_MAX_ERROR, bound_source="docs/longrange-lowrank.md error table (R=8)")
+                    expected_error=LSH_R8_MAX_ERROR, bound_source="docs/longrange-lowrank.md, approximation error table, R=8")
 
 
 # The R=8, c=64 row of the docs table (N=1024, seed 5; see error_table()) has max |error| 0.132 in
