@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 
 import pytest
 
@@ -82,15 +81,31 @@ def test_progress_line_names_the_task_not_its_numbers():
     assert report.progress(_result(status="fail", reason="> 1 GiB"), 4, 24).endswith("fwd: fail (> 1 GiB)")
 
 
-def test_quick_run_prints_results_once_without_peak_rss(tmp_path, capsys):
+@pytest.mark.parametrize("quick", [True, False])
+def test_run_prints_results_once(quick, tmp_path, monkeypatch, capsys):
+    """Progress on stderr as tasks finish (no numbers), the table once on stdout; with --quick
+    (one process for all tasks) no peak RSS in the table or the CSV."""
+    fake = [_result(impl="sdpa"), _result(impl="attnkit.auto", peak_rss_mib=777.0, median_s=0.25)]
+
+    def run(cfg, log=print, on_result=None):
+        assert cfg.per_process == ("all" if quick else "task")
+        log("fp32 matmul 2048^3 on 1 threads: 100.0 GFLOP/s")
+        for r in fake:
+            on_result(r)
+        return fake, 100.0
+
+    monkeypatch.setattr(runner, "run", run)
     out = tmp_path / "b"
-    assert main(["bench", "--quick", "--variants", "dense", "--impls", "attnkit.reference", "--modes", "fwd",
-                 "--sizes", "64", "--heads", "1", "--head-dim", "8", "--threads", "1", "--out", str(out)]) == 0
+    argv = ["bench", "--variants", "dense", "--impls", "sdpa,attnkit.auto", "--modes", "fwd", "--sizes", "512",
+            "--out", str(out)]
+    assert main(argv + (["--quick"] if quick else [])) == 0
     cap = capsys.readouterr()
-    assert cap.out.count("attnkit.reference") == 1  # the table row; no per-task result line on stdout
-    row = next(line for line in cap.out.splitlines() if "attnkit.reference" in line)
-    cell = row.split("|")[5].strip()
-    assert re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\)( / \d+)?", cell), cell  # time (min-max) / GFLOP/s: no RSS
-    assert "[1/1] softmax/dense/attnkit.reference N=64 fwd: ok" in cap.err
+    for r in fake:
+        assert cap.out.count(r.impl) == 1  # its table row; no per-task result line on stdout
+        assert f"softmax/dense/{r.impl} N=512 fwd: ok" in cap.err
+    assert "[2/2]" in cap.err and "0.250" not in cap.err  # progress, not results
+    row = next(line for line in cap.out.splitlines() if "| attnkit.auto |" in line)
+    assert row.split("|")[5].strip() == ("0.250 (0.400-0.600) / 12" if quick else "0.250 (0.400-0.600) / 777 / 12")
     assert (out / "bench.md").read_text() in cap.out
-    assert next(csv.DictReader(open(out / "bench.csv")))["peak_rss_mib"] == ""
+    rss = [r["peak_rss_mib"] for r in csv.DictReader(open(out / "bench.csv"))]
+    assert rss == (["", ""] if quick else ["1234.0", "777.0"])
