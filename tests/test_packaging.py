@@ -122,3 +122,13 @@ def test_wheel_files(built):
     assert {"attnkit/py.typed", "attnkit/__main__.py", "attnkit/_version.py"} <= wheel_names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel_names)
     assert not any(n.startswith(("tests/", "docs/")) for n in wheel_names)
+
+
+def test_readme_install_names_the_cpu_build():
+    """README's install section gives `pip install .` and, next to it, the CPU form with the pin."""
+    readme = (ROOT / "README.md").read_text()
+    install = re.search(r"^## Install.*?(?=^## )", readme, re.M | re.S).group(0)
+    assert "pip install .  " in install and "pip install -c constraints-cpu.txt ." in install
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install  # the CPU wheel off this project's index
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints-cpu.txt").read_text(), re.M).group(1)
+    assert f"torch=={pin}" in install
