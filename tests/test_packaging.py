@@ -1,4 +1,4 @@
-"""Packaging: the license (SPDX, with its file), metadata (classifiers, urls, numpy as a core
+"""Packaging: the license (SPDX, with its file), metadata (classifiers, numpy as a core
 dependency), one version, ``py.typed``, and an sdist that carries what its own tests need
 (tests/ with conftest, strategies and subfolders; docs/ for tests/test_docs.py).
 
@@ -77,12 +77,12 @@ def test_license_file_and_spdx_expression(built):
         assert not any(c.startswith("License ::") for c in meta.get_all("Classifier"))  # SPDX replaces them
 
 
-def test_metadata_has_classifiers_urls_and_numpy(built):
+def test_metadata_has_classifiers_and_numpy(built):
+    """Project URLs are left out until the project has a public home (no invented addresses)."""
     _, _, _, metadata = built
     classifiers = metadata.get_all("Classifier")
     assert "Typing :: Typed" in classifiers and len(classifiers) >= 5
-    urls = {u.split(",")[0] for u in metadata.get_all("Project-URL")}
-    assert {"Source", "Documentation", "Issues"} <= urls
+    assert not metadata.get_all("Project-URL")
     core = [r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r]
     assert sorted(re.split(r"[<>=!~ ]", r)[0] for r in core) == ["numpy", "torch"], core  # torch warns without numpy
     assert not any(r.startswith("numpy") and "extra ==" in r for r in metadata.get_all("Requires-Dist"))  # not twice
