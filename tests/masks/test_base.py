@@ -197,6 +197,15 @@ def test_band_tiles_are_exact(shape, block_q, block_k, left, right):
         check_tiles_sound(spec, shape, block_q, block_k, exact=True)
 
 
+@SETTINGS
+@given(shapes(max_len=13), st.integers(1, 5), st.integers(1, 5), st.data())
+def test_key_valid_tiles_are_exact(shape, block_q, block_k, data):
+    # Closed form from the (B, Nk) validity: left padding, right padding, holes.
+    B, Nk = shape[0], shape[4]
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=B * Nk, max_size=B * Nk))).view(B, Nk)
+    check_tiles_sound(M.key_padding_from_bool(~valid), shape, block_q, block_k, exact=True)
+
+
 def test_tiles_skip_work_for_causal():
     t = M.causal().tiles(8, 8, 4, 4)[0, 0]
     assert t.tolist() == [[M.PARTIAL, M.EMPTY], [M.FULL, M.PARTIAL]]

@@ -7,6 +7,7 @@ Legend: B batch, H query heads, Nq queries, Nk keys. Conventions as in ``attnkit
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._validate import check_broadcastable, shape_str
 from .base import Mask, _check_keys, _check_rows, _classify, _tile_bounds, evaluate_tiles, gather_dense
@@ -88,6 +89,18 @@ class KeyValid(Mask):
         if num_keys is not None:
             _check_keys("key_padding_from_bool", "is_pad", self.valid.shape[1], num_keys)
         return self.valid.to(k.device)[b, k]
+
+    def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        # Closed form, O(B * Nk): a key tile is FULL for row b when all its keys are real, EMPTY
+        # when none is (left padding, arbitrary holes); the same for every query tile.
+        self.check(nq, nk, batch=batch, heads=heads)
+        valid = self.valid.to(device or self.device)
+        tk = -(-nk // block_k)
+        tail = tk * block_k - nk
+        any_ = F.pad(valid, (0, tail), value=False).view(-1, tk, block_k).any(dim=-1)  # (B, Tk)
+        all_ = F.pad(valid, (0, tail), value=True).view(-1, tk, block_k).all(dim=-1)   # (B, Tk)
+        tq = -(-nq // block_q)
+        return _classify(all_.view(-1, 1, 1, tk).expand(-1, 1, tq, -1), ~any_.view(-1, 1, 1, tk).expand(-1, 1, tq, -1))
 
     def __repr__(self):
         return f"key_padding_from_bool(tensor{tuple(self.valid.shape)})"
