@@ -116,9 +116,9 @@ def test_pictures_of_common_cases():
     # A static cache of 16 slots, prefill of 4: keys 4.. are cropped, the mask is plain causal.
     hm = mask_spec(batch_size=1, q_length=4, kv_length=16, mask_function=MU.causal_mask_function)
     assert (hm.keep, repr(hm.mask)) == (4, "causal()")
-    # Decode at position 9 of that cache: 10 keys kept, bottom-right causal allows all of them.
+    # Decode at position 9 of that cache: 10 keys kept, the query sees all of them (no mask at all).
     hm = mask_spec(batch_size=1, q_length=1, kv_length=16, q_offset=torch.tensor(9), mask_function=MU.causal_mask_function)
-    assert hm.keep == 10 and bool(hm.mask.to_dense(1, 10).all())
+    assert hm.keep == 10 and hm.mask is None
 
 
 def test_cache_position_form_of_transformers_4():
@@ -165,3 +165,14 @@ def test_a_piece_whose_meaning_changed_falls_back():
 def test_band_names():
     assert repr(H.band(None, 0)) == "causal()" and repr(H.band(-3, 0)) == "sliding_window(3, 0)"
     assert repr(H.band(None, -2)) == "band(None, -2)" and isinstance(H.band(2, 5), M.Band)
+    assert H.band(None, None) is None  # no bound: every pair
+
+
+def test_bounds_that_never_bind_are_dropped():
+    # A window as long as the sequence is plain causal (sdpa's fused kernel); decode sees every key.
+    hm = mask_spec(batch_size=1, q_length=8, kv_length=8, mask_function=MU.sliding_window_causal_mask_function(8))
+    assert repr(hm.mask) == "causal()"
+    hm = mask_spec(batch_size=1, q_length=8, kv_length=8, mask_function=MU.sliding_window_causal_mask_function(7))
+    assert repr(hm.mask) == "sliding_window(6, 0)"
+    hm = mask_spec(batch_size=1, q_length=1, kv_length=8, q_offset=7, mask_function=MU.causal_mask_function)
+    assert hm.mask is None and hm.keep == 8

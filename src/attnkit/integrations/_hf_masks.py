@@ -118,8 +118,10 @@ def _probe_band(fn, lo: int | None, hi: int | None) -> bool:
         return False
 
 
-def band(lo: int | None, hi: int | None) -> Mask:
-    """The attnkit band lo <= k - q <= hi by its public name where it has one."""
+def band(lo: int | None, hi: int | None) -> Mask | None:
+    """The attnkit band lo <= k - q <= hi by its public name where it has one (None: no bound)."""
+    if lo is None and hi is None:
+        return None
     if lo is None and hi == 0:
         return masks.causal()
     if lo is not None and hi is not None and lo <= 0 <= hi:
@@ -127,7 +129,7 @@ def band(lo: int | None, hi: int | None) -> Mask:
     return Band(lo, hi, f"band({lo}, {hi})")
 
 
-def _merge_bands(a: Band, b: Band) -> Mask:
+def _merge_bands(a: Band, b: Band) -> Mask | None:
     los = [x for x in (a.lo, b.lo) if x is not None]
     his = [x for x in (a.hi, b.hi) if x is not None]
     return band(max(los) if los else None, min(his) if his else None)
@@ -198,7 +200,12 @@ def translate(fn, geo: Geometry, packed_ids: torch.Tensor | None = None) -> Mask
     hf_band = _band_in_hf_offsets(fn)
     if hf_band is not None and _probe_band(fn, *hf_band):
         lo, hi = hf_band
-        return band(None if lo is None else lo + geo.delta, None if hi is None else hi + geo.delta)
+        lo, hi = (None if x is None else x + geo.delta for x in (lo, hi))
+        # Offsets k - q of this call lie in [-(K - 1), Nq - 1]: a bound outside never binds (a
+        # window as long as the sequence is plain causal, which sdpa's fused kernel runs).
+        lo = None if lo is not None and lo <= -(geo.keep - 1) else lo
+        hi = None if hi is not None and hi >= geo.q_length - 1 else hi
+        return band(lo, hi)
     if name == "bidirectional_mask_function":
         return None
     if name == "and_masks.<locals>.and_mask":
