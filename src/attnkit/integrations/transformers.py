@@ -192,46 +192,48 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         kwargs: ``output_attentions`` returns the weights (B, Hq, Nq, Nk); ``position_bias`` (B|1, Hq|1,
             Nq, Nk) is added to the scores. Attention sinks (``s_aux``, ``sinks``) are refused.
 
-    Returns: (out (B, Nq, Hq, D) contiguous, weights or None).
+    Returns: (out (B, Nq, Hq, Dv) contiguous, weights or None).
     """
     for sink in ("s_aux", "sinks"):
         if kwargs.get(sink) is not None:
             raise ValueError(f"attnkit does not implement attention sinks ({sink}=...); use attn_implementation='eager'")
-    B, Hq, Nq, D = query.shape
-    Nk = key.shape[2]
-    bias = kwargs.get("position_bias")
-    if isinstance(attention_mask, HFMask):
-        if (attention_mask.q_length, attention_mask.kv_length) != (Nq, Nk):
-            raise ValueError(f"the attnkit mask is for (Nq, Nk) = ({attention_mask.q_length}, {attention_mask.kv_length}) "
-                             f"but the layer got query {tuple(query.shape)} and key {tuple(key.shape)}")
-        spec, keep = attention_mask.mask, attention_mask.keep
-    elif attention_mask is None:
-        _check_mask_registered(module)
-        spec, keep = _default_mask(module, Nq, Nk, is_causal, sliding_window)
-    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        keep = Nk
-        if attention_mask.dtype == torch.bool:
-            spec = attention_mask[..., :Nk]
-        else:
-            spec, add = None, attention_mask[..., :Nk].to(query.dtype)
-            bias = add if bias is None else bias + add
-    else:
-        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be an attnkit HFMask, None or a 4-D tensor (B|1, 1|Hq, Nq, Nk), got {got}")
+    Nq, Nk = query.shape[2], key.shape[2]
+    spec, keep, bias = _resolve_mask(module, attention_mask, query, key, is_causal, sliding_window,
+                                     kwargs.get("position_bias"))
     if keep < Nk:
         key, value = key[:, :, :keep], value[:, :, :keep]  # (B, Hk, K, D)
         bias = None if bias is None else bias[..., :keep]
     want_weights = bool(kwargs.get("output_attentions", False))
     if (isinstance(attention_mask, HFMask) and attention_mask.left_pad is not None and Nq > 1 and bias is None
-            and not want_weights and not dropout and (attention_mask.pattern is None or isinstance(attention_mask.pattern, Band))):
+            and not want_weights and not dropout and isinstance(attention_mask.pattern, (Band, type(None)))):
         out = _without_left_padding(query, key, value, attention_mask, scale=scaling, softcap=softcap)
-        return out.transpose(1, 2).contiguous(), None  # (B, Nq, Hq, D)
+        return out.transpose(1, 2).contiguous(), None  # (B, Nq, Hq, Dv)
     res = attention(query, key, value, mask=spec, bias=bias, scale=scaling, softcap=softcap,
                     dropout_p=float(dropout or 0.0), return_weights=want_weights)
     out, weights = res if want_weights else (res, None)
     if weights is not None and keep < Nk:
         weights = F.pad(weights, (0, Nk - keep))  # (B, Hq, Nq, Nk): cropped keys get weight 0
-    return out.transpose(1, 2).contiguous(), weights  # (B, Nq, Hq, D)
+    return out.transpose(1, 2).contiguous(), weights  # (B, Nq, Hq, Dv)
+
+
+def _resolve_mask(module, attention_mask, query, key, is_causal, sliding_window, bias):
+    """(spec or bool tensor or None, keys kept K, bias or None) for whatever mask the model passed."""
+    Nq, Nk = query.shape[2], key.shape[2]
+    if isinstance(attention_mask, HFMask):
+        if (attention_mask.q_length, attention_mask.kv_length) != (Nq, Nk):
+            raise ValueError(f"the attnkit mask is for (Nq, Nk) = ({attention_mask.q_length}, {attention_mask.kv_length}) "
+                             f"but the layer got query {tuple(query.shape)} and key {tuple(key.shape)}")
+        return attention_mask.mask, attention_mask.keep, bias
+    if attention_mask is None:
+        _check_mask_registered(module)
+        return (*_default_mask(module, Nq, Nk, is_causal, sliding_window), bias)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return attention_mask, Nk, bias  # True = attend
+        add = attention_mask.to(query.dtype)  # HF's additive form: 0 / finfo.min
+        return None, Nk, add if bias is None else bias + add
+    got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+    raise ValueError(f"attention_mask must be an attnkit HFMask, None or a 4-D tensor (B|1, 1|Hq, Nq, Nk), got {got}")
 
 
 def register() -> None:
