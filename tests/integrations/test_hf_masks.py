@@ -121,6 +121,16 @@ def test_pictures_of_common_cases():
     assert hm.keep == 10 and hm.mask is None
 
 
+def test_long_padded_window_has_empty_tiles_for_blockwise_to_skip():
+    am = torch.ones(2, 4096, dtype=torch.long)
+    am[1, :1024] = 0
+    hm = mask_spec(batch_size=2, q_length=4096, kv_length=4096, attention_mask=am,
+                   mask_function=MU.sliding_window_causal_mask_function(512))
+    t = hm.mask.tiles(4096, 4096, 128, 128, batch=2)  # closed form: band & key validity, O(B * Nk + tiles)
+    assert t.shape == (2, 1, 32, 32)
+    assert (t == M.EMPTY).float().mean() > 0.8 and (t[1, 0, :, :8] == M.EMPTY).all()
+
+
 def test_cache_position_form_of_transformers_4():
     # 4.5x passes cache_position (Nq,) instead of q_length / q_offset.
     a = mask_spec(batch_size=1, cache_position=torch.arange(5, 8), kv_length=12, mask_function=MU.causal_mask_function)

@@ -216,6 +216,7 @@ def test_float64_attention_outputs_match_on_every_call(name):
         for cache in ("dynamic", "static"):
             model.generate(ids, attention_mask=am, max_new_tokens=4, do_sample=False, cache_implementation=cache,
                            pad_token_id=0)
+    assert all(c[2].shape[1] == 2 and c[1].shape[1] == 4 for c in calls)  # k, v reach attnkit un-repeated (GQA)
     assert any(c[1].shape[2] == 1 for c in calls)  # decode steps
     if name != "mistral":  # a static-cache prefill (Mistral's sliding-only static cache holds 12 = Nq keys)
         assert any(c[2].shape[2] > c[1].shape[2] > 1 for c in calls)
