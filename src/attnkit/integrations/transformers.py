@@ -81,8 +81,8 @@ def _as_int(x) -> int:
     return int(x.item()) if isinstance(x, torch.Tensor) else int(x)
 
 
-def mask_spec(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
-              kv_offset=0, mask_function=None, attention_mask=None, *, cache_position=None, use_vmap: bool = False,
+def mask_spec(*, batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
+              kv_offset=0, mask_function=None, attention_mask=None, cache_position=None, use_vmap: bool = False,
               **unused) -> HFMask:
     """transformers' mask interface: the mask as attnkit specs (registered by ``register()``).
 
@@ -176,7 +176,7 @@ def _without_left_padding(query, key, value, hm: HFMask, *, scale, softcap) -> t
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
                       sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
                       **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention interface, computed by ``attnkit.attention`` (registered by ``register()``).
