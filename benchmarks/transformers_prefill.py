@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 IMPLS = ("attnkit.auto", "sdpa", "eager")
@@ -59,26 +60,22 @@ def child(task: dict) -> dict:
 
 
 def spawn(task: dict, max_rss_gib: float, timeout_s: float) -> dict:
-    from attnkit._memory import read_status_kib
+    """Run one task in a fresh process; the bench runner's watchdog kills it above the RSS limit."""
+    from attnkit.bench.runner import BenchConfig, _watch
 
     env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]), MKL_NUM_THREADS=str(task["threads"]))
-    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(task)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    t0, why = time.monotonic(), ""
-    while proc.poll() is None:
-        if (read_status_kib("VmRSS", str(proc.pid)) or 0) > max_rss_gib * 2**20:
-            why = f"killed above {max_rss_gib:g} GiB"
-        elif time.monotonic() - t0 > timeout_s:
-            why = f"killed after {timeout_s:g} s"
-        if why:
-            proc.kill()
-            proc.wait()
-            return dict(task, status="fail", reason=why)
-        time.sleep(0.1)
-    out, err = proc.communicate()
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: no pipe can fill up
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(task)], stdout=out, stderr=err,
+                                text=True, env=env)
+        why = _watch(proc, BenchConfig(max_rss_gib=max_rss_gib), timeout_s)
+        out.seek(0)
+        err.seek(0)
+        lines = [ln for ln in out.read().splitlines() if ln.startswith("{")]
+        last_err = (err.read().strip().splitlines() or ["?"])[-1][:200]
+    if why:
+        return dict(task, status="fail", reason=f"killed: {why}")
     if proc.returncode or not lines:
-        return dict(task, status="fail", reason=(err.strip().splitlines() or ["?"])[-1][:200])
+        return dict(task, status="fail", reason=last_err)
     return json.loads(lines[-1])
 
 
