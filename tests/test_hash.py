@@ -53,7 +53,16 @@ def test_hash_coords_broadcasts_and_is_deterministic():
     assert not torch.equal(hash_coords(6, a, b, 2), h1)
     assert int(hash_coords(5, 1, 2)) != int(hash_coords(5, 2, 1))
     assert int(hash_coords(5, -1)) != int(hash_coords(5, 1))
-    assert int(hash_coords(-3, 0)) == int(hash_coords(-3 & M32, 0))
+
+
+
+def test_seeds_use_all_64_bits_and_out_of_range_seeds_raise():
+    """Issue 10: seeds were reduced mod 2^32 without a word (7 and 7 + 2^32 gave the same pattern)."""
+    assert int(hash_coords(7, 0)) != int(hash_coords(7 + 2**32, 0))
+    assert int(hash_coords(7, 0)) != int(hash_coords(7 + 2**63, 0))
+    for bad in (-3, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            hash_coords(bad, 0)
 
 
 def test_uniform_range_and_moments():

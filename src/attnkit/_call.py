@@ -3,7 +3,8 @@
 Legend: B batch, Hq query heads, Hk key/value heads, Nq queries, Nk keys, D head dim, Dv value dim.
 
 ``make_call`` validates the user's arguments once (shapes, dtypes, devices, mask and bias data
-against the sizes, scale, softcap, dropout) and wraps tensor masks / biases as specs
+against the sizes, scale and the range of the scores it gives, softcap, dropout; whether q, k, v
+are finite, for the rule in ``attnkit._nonfinite``) and wraps tensor masks / biases as specs
 (``TensorMask``, ``TensorBias``), so a backend consumes one kind of object. Derived data that
 several backends or the dispatcher need (the dense mask, the dense bias) is built at most once
 per call (``dense_mask()``, ``dense_bias()``).
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _validate as V
+from ._nonfinite import check_score_range, input_stats
 from ._numerics import compute_dtype
 from .biases import Bias, as_bias
 from .masks import Mask, as_mask, causal
@@ -35,6 +37,7 @@ class AttentionCall:
     dropout_p: float
     dropout_seed: int | None
     return_weights: bool
+    inputs_finite: bool = True  # q, k, v hold no NaN/inf (else ``_nonfinite.run`` applies the rule)
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -111,15 +114,19 @@ def make_call(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, dropou
     dropout_seed = V.check_seed(dropout_seed)
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    checked_scale = V.check_scale(scale, D)
+    finite, max_q, max_k = input_stats(q, k, v)
+    check_score_range(q, max_q, max_k, checked_scale, name_scale=scale is not None)
     return AttentionCall(
         q=q, k=k, v=v,
         mask=as_mask(mask, **sizes),
         bias=as_bias(bias, **sizes),
-        scale=V.check_scale(scale, D),
+        scale=checked_scale,
         softcap=V.check_softcap(softcap),
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         return_weights=V.check_bool("return_weights", return_weights),
+        inputs_finite=finite,
     )
 
 

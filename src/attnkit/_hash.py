@@ -7,6 +7,9 @@ exactly the same bits for the same (seed, b, h, i, j), whatever order it visits 
 The mixer is the "lowbias32" integer hash (Chris Wellons, hash-prospector). It works on int64
 tensors holding 32-bit values; multiplications may wrap past 2**63, which keeps the low 32 bits
 exact (two's complement), and the result is masked back to 32 bits.
+
+Seeds are ints in [0, 2**64): both 32-bit halves enter the hash (a seed below 2**32 hashes as it
+always did), so seeds that differ in any bit give different patterns; others raise.
 """
 
 from __future__ import annotations
@@ -27,9 +30,19 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _seed_state(seed: int) -> torch.Tensor:
+    """The 0-d int64 hash state of a seed in [0, 2**64) (low half, then the high half if nonzero)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    h = mix32(torch.as_tensor(seed & _M32, dtype=torch.int64))
+    if seed >> 32:
+        h = mix32(h ^ mix32(torch.as_tensor(seed >> 32, dtype=torch.int64) + 0x9E3779B9))
+    return h
+
+
 def hash_coords(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
     """Hash (seed, c0, c1, ...) to uniform 32-bit integers, broadcasting the coordinates."""
-    h = mix32(torch.as_tensor(seed & _M32, dtype=torch.int64))
+    h = _seed_state(seed)
     for c in coords:
         c = torch.as_tensor(c, dtype=torch.int64, device=h.device if not isinstance(c, torch.Tensor) else c.device)
         h = mix32(h.to(c.device) ^ mix32(c + 0x9E3779B9))

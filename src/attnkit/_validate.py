@@ -60,6 +60,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if k.shape[2] == 0:
         raise ValueError(f"k has no keys (Nk=0): shape {shape_str(k)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"q and k have head dim D=0: q {shape_str(q)}, k {shape_str(k)}; expected D >= 1 "
+                         "(the default scale is 1/sqrt(D))")
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:
@@ -80,11 +83,17 @@ def check_dropout(p: float) -> float:
     return float(p)
 
 
-def check_seed(seed: int | None) -> int | None:
+SEED_LIMIT = 2**64
+
+
+def check_seed(seed: int | None, name: str = "dropout_seed") -> int | None:
+    """An int in [0, 2^64) (all 64 bits enter the hash, see ``attnkit._hash``), or None."""
     if seed is None:
         return None
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"dropout_seed must be an int or None, got {type(seed).__name__}")
+        raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an int in [0, 2**64), got {seed!r}")
     return int(seed)
 
 
@@ -122,3 +131,29 @@ def check_broadcastable(name: str, t: torch.Tensor, target: tuple[int, ...], leg
                 f"{name} of shape {shape_str(t)} does not broadcast to {legend} = {tuple(target)}: "
                 "each dimension must equal the target's or be 1"
             )
+
+
+def check_elementwise(what: str, out: torch.Tensor, *idx: torch.Tensor) -> None:
+    """``out`` of a user function of broadcast index tensors must have (or broadcast to, without
+    growing) their broadcast shape: it is computed elementwise from them, e.g. ``q >= k``."""
+    want = torch.broadcast_shapes(*(t.shape for t in idx))
+    try:
+        ok = torch.broadcast_shapes(out.shape, want) == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{what} returned shape {tuple(out.shape)}, which does not broadcast to the shape of its index "
+            f"tensors (b, h, q, k) {tuple(want)}: compute it elementwise from them (e.g. q >= k), not as a "
+            "tensor of its own size"
+        )
+
+
+def probe_grid(nq: int, nk: int, device=None) -> tuple[torch.Tensor, ...]:
+    """Small index tensors b (1,1,1,1), h (1,1,1,1), q (1,1,<=2,1) (key coordinates), k (1,1,1,<=3)
+    for checking a user function once per call (their sizes differ from any real (Nq, Nk) tile
+    layout, so a function that returns a tensor of its own size is caught)."""
+    z = torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=device)
+    q = (torch.arange(max(0, nq - 2), nq, device=device) + (nk - nq)).view(1, 1, -1, 1)
+    k = torch.arange(min(nk, 3), device=device).view(1, 1, 1, -1)
+    return z, z, q, k

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._validate import check_broadcastable, shape_str
+from ._validate import check_broadcastable, check_elementwise, probe_grid, shape_str
 from .masks import gather_dense, index_grid
 
 
@@ -76,6 +76,15 @@ class SumBias(Bias):
     def tensors(self):
         return tuple(t for p in self.parts for t in p.tensors())
 
+    def to_dense(self, nq, nk=None, *, batch=1, heads=1, device=None, dtype=torch.float32):
+        """The sum of the parts' dense forms, each converted to ``dtype`` first (float64 sums of
+        float32 parts stay exact to float64 rounding, like a tiled backend adding them one by one)."""
+        out = None
+        for p in self.parts:
+            d = p.to_dense(nq, nk, batch=batch, heads=heads, device=device, dtype=dtype)
+            out = d if out is None else out + d
+        return out
+
     def terms(self):
         return tuple(t for p in self.parts for t in p.terms())
 
@@ -102,7 +111,11 @@ class FunctionBias(Bias):
         out = self.fn(b, h, q, k)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             raise TypeError(f"bias function {self.name} must return a float tensor, got {getattr(out, 'dtype', type(out))}")
+        check_elementwise(f"bias function {self.name}", out, b, h, q, k)
         return out
+
+    def check(self, nq, nk, *, batch=1, heads=1):
+        self(*probe_grid(nq, nk, self.device))  # type and shape of fn's result, on a tiny grid
 
     def tensors(self):
         return self._tensors
@@ -179,6 +192,10 @@ def as_bias(bias, *, batch: int, heads: int, nq: int, nk: int, device=None, name
     if device is not None and bias.device != torch.device(device):
         raise ValueError(f"{name} is on {bias.device} but q is on {device}; move it with .to(q.device)")
     check_broadcastable(name, bias, (batch, heads, nq, nk), "(B, Hq, Nq, Nk)")
+    if bool(torch.isposinf(bias.detach()).any()):
+        n = int(torch.isposinf(bias.detach()).sum())
+        raise ValueError(f"{name} has {n} entries equal to +inf, which make the softmax NaN; a float bias may hold "
+                         "finite values and -inf (blocked) only: block pairs with a bool mask= or -inf")
     return TensorBias(bias, nq, nk)
 
 

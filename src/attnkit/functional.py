@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _nonfinite as nonfinite
 from ._call import make_call
 from .backends import BACKENDS
 from .dispatch import choose
@@ -36,13 +37,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, b
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype, or (out, weights). A query row with no allowed key
-        gives zeros and zero gradient. Half/bfloat16 inputs accumulate in float32.
+        gives zeros and zero gradient. Half/bfloat16 inputs accumulate in float32. NaN/inf on
+        every backend: a row that reads a non-finite q, k or v entry is NaN; masked keys never
+        contribute (``attnkit._nonfinite``; docs/index.md).
 
     Cost: O(Nq * Nk * D) time; memory depends on the backend (reference: O(Nq * Nk)).
     """
     call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap, dropout_p=dropout_p,
                      dropout_seed=dropout_seed, return_weights=return_weights)
-    return BACKENDS[choose(call, backend)].run(call)
+    return nonfinite.run(BACKENDS[choose(call, backend)], call)
 
 
 def which_backend(q, k, v, *, backend: str = "auto", **kwargs) -> str:

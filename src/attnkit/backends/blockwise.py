@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import _nonfinite as nonfinite
 from .._call import AttentionCall, make_call
 from .._numerics import compute_dtype
 from ..masks import EMPTY, PARTIAL, TileMap
@@ -327,7 +328,7 @@ def blockwise_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=No
     reasons = backend.not_supported_reasons(call)
     if reasons:
         raise ValueError("blockwise_attention cannot run this call: " + "; ".join(reasons))
-    return backend.run(call)
+    return nonfinite.run(backend, call)  # the NaN/inf rule of attnkit.attention (attnkit._nonfinite)
 
 
 def _block_plan(q, k, v, mask, bias, scale, softcap, options):

@@ -8,7 +8,7 @@ The mask spec becomes flex's mask_mod, ``lambda b, h, q_idx, kv_idx: spec.allows
 coordinates), and its block mask is built directly from the spec's ``tiles()`` map (EMPTY tiles
 skipped, FULL tiles run without mask_mod) instead of ``create_block_mask``, which would evaluate
 the mask densely (about 2.9 GiB at N=16384) or needs an extra compile. Block masks are cached per
-(spec, shape, device). Bias specs and softcap become the score_mod: softcap(score) + bias.
+(spec, shape, device) and by the content of the tensors the spec reads (``block_mask_for``). Bias specs and softcap become the score_mod: softcap(score) + bias.
 
 Cost: like FlashAttention, O(non-empty tiles * 128^2 * D) time and O(N * D) memory; but every new
 (shape, spec) pair triggers a torch.compile of about 10 s on CPU. On CPU flex has no backward, so
@@ -77,8 +77,8 @@ def _depends_on(mask, B: int, Hq: int, Nk: int) -> tuple[bool, bool]:
 
 
 class _Cache:
-    """LRU of block masks and score/mask mods keyed by (id(spec), shape, device); holds the spec
-    so its id stays unique while cached."""
+    """LRU of block masks and score mods keyed by (id(spec), shape, device); each value holds the
+    spec so its id stays unique while cached."""
 
     def __init__(self, size: int):
         self.size, self.data = size, OrderedDict()
@@ -119,9 +119,31 @@ def _compile_key(call: AttentionCall) -> tuple:
 
 
 def block_mask_for(mask, B: int, Hq: int, Nq: int, Nk: int, device):
-    """A flex BlockMask equal to ``mask`` for (B, Hq, Nq, Nk), built from ``mask.tiles``."""
+    """A flex BlockMask equal to ``mask`` for (B, Hq, Nq, Nk), built from ``mask.tiles``.
+
+    Cached per (spec, shape, device) *and content*: an entry keeps a copy of the tensors the spec
+    reads (``mask.data_tensors()``: lengths, ids, layouts) and is rebuilt when they differ, so a
+    spec whose data was edited in place never gets a stale block mask. A spec that cannot list
+    its data (``from_function``, a user subclass) is rebuilt on every call."""
+    data = mask.data_tensors()
+    if data is None:
+        return _build_block_mask(mask, B, Hq, Nq, Nk, device)
     key = (id(mask), B, Hq, Nq, Nk, str(device))
-    return _BLOCK_MASKS.get(key, lambda: (mask, _build_block_mask(mask, B, Hq, Nq, Nk, device)))[1]
+    hit = _BLOCK_MASKS.data.get(key)
+    if hit is not None:
+        _, (held, snapshot, bm) = hit
+        if held is mask and _same_data(snapshot, data):
+            _BLOCK_MASKS.data.move_to_end(key)
+            return bm
+        del _BLOCK_MASKS.data[key]
+    value = (mask, tuple(t.detach().clone() for t in data), _build_block_mask(mask, B, Hq, Nq, Nk, device))
+    return _BLOCK_MASKS.get(key, lambda: value)[2]
+
+
+def _same_data(snapshot: tuple, data: tuple) -> bool:
+    return len(snapshot) == len(data) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(snapshot, data))
 
 
 def _build_block_mask(mask, B, Hq, Nq, Nk, device):

@@ -33,6 +33,9 @@ class Band(Mask):
     def __hash__(self) -> int:
         return hash((Band, self.lo, self.hi))
 
+    def data_tensors(self):
+        return ()
+
     def allows(self, b, h, q, k, *, num_keys=None):
         d = k - q
         out = torch.ones_like(d, dtype=torch.bool)
@@ -101,6 +104,9 @@ class PrefixLM(Mask):
 
     def allows(self, b, h, q, k, *, num_keys=None):
         return (k <= q) | (k < self._prefix(b))
+
+    def data_tensors(self):
+        return (self.prefix,) if isinstance(self.prefix, torch.Tensor) else ()
 
     @property
     def device(self):

@@ -66,6 +66,10 @@ class Mask:
       e.g. in a sliding-window ring buffer, and one tile pattern serves every diagonal).
     - ``key_only``: ``allows`` depends only on (b, h, k), not on the query (key padding).
     - ``batch_size`` / ``num_heads``: the batch / head count its data is for (None: any).
+    - ``data_tensors()``: the tensors ``allows`` reads (lengths, ids, layouts), so a consumer
+      that caches something derived from the spec (flex's block masks) can tell when they were
+      edited in place; None when the spec cannot list them (a function, a user subclass), and
+      then nothing derived from it may be cached.
     """
 
     is_causal: bool = False
@@ -85,6 +89,11 @@ class Mask:
     def conjuncts(self) -> tuple[Mask, ...]:
         """The specs whose ``&`` this is (itself for anything but ``&``)."""
         return (self,)
+
+    def data_tensors(self) -> tuple[torch.Tensor, ...] | None:
+        """The tensors ``allows`` reads; () for a spec defined by its constructor's numbers alone;
+        None (the default, for specs that do not say) when unknown."""
+        return None
 
     def _size_hint(self) -> tuple[int, int] | None:
         """(Nq, Nk) the spec's data is for (None = any size), used by ``picture``."""
@@ -190,6 +199,7 @@ def _tile_bounds(nq: int, nk: int, block_q: int, block_k: int, device=None):
 
     Returns q0, q1 of shape (Tq, 1) and k0, k1 of shape (1, Tk), all inclusive.
     """
+    check_tile_args(nq, nk, block_q, block_k)
     tq, tk = -(-nq // block_q), -(-nk // block_k)
     q0 = torch.arange(tq, device=device) * block_q
     q1 = torch.clamp(q0 + block_q - 1, max=nq - 1)
@@ -243,6 +253,10 @@ class _Composite(Mask):
     def check(self, nq, nk, *, batch=1, heads=1):
         for p in self.parts:
             p.check(nq, nk, batch=batch, heads=heads)
+
+    def data_tensors(self):
+        parts = [p.data_tensors() for p in self.parts]
+        return None if any(d is None for d in parts) else tuple(t for d in parts for t in d)
 
     @property
     def device(self):

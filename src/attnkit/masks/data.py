@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_broadcastable, shape_str
-from .base import Mask, _check_keys, _check_rows, _classify, _tile_bounds, evaluate_tiles, gather_dense
+from .._validate import check_broadcastable, check_elementwise, probe_grid, shape_str
+from .base import Mask, _check_keys, _check_rows, _classify, _tile_bounds, check_tile_args, evaluate_tiles, gather_dense
 
 
 class KeyPadding(Mask):
@@ -36,6 +36,9 @@ class KeyPadding(Mask):
 
     def allows(self, b, h, q, k, *, num_keys=None):
         return k < self.lengths.to(k.device)[b]
+
+    def data_tensors(self):
+        return (self.lengths,)
 
     def check(self, nq, nk, *, batch=1, heads=1):
         if self.lengths.shape[0] != batch:
@@ -93,6 +96,7 @@ class KeyValid(Mask):
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         # Closed form, O(B * Nk): a key tile is FULL for row b when all its keys are real, EMPTY
         # when none is (left padding, arbitrary holes); the same for every query tile.
+        check_tile_args(nq, nk, block_q, block_k)
         self.check(nq, nk, batch=batch, heads=heads)
         valid = self.valid.to(device or self.device)
         tk = -(-nk // block_k)
@@ -101,6 +105,9 @@ class KeyValid(Mask):
         all_ = F.pad(valid, (0, tail), value=True).view(-1, tk, block_k).all(dim=-1)   # (B, Tk)
         tq = -(-nq // block_q)
         return _classify(all_.view(-1, 1, 1, tk).expand(-1, 1, tq, -1), ~any_.view(-1, 1, 1, tk).expand(-1, 1, tq, -1))
+
+    def data_tensors(self):
+        return (self.valid,)
 
     def __repr__(self):
         return f"key_padding_from_bool(tensor{tuple(self.valid.shape)})"
@@ -146,6 +153,9 @@ class Document(Mask):
         bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
         # A query before key 0 (Nq > Nk) belongs to no document.
         return (ids[bb, q.clamp_min(0)] == ids[bb, k]) & (q >= 0)
+
+    def data_tensors(self):
+        return (self.ids,)
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         # Closed form for sorted ids (the packed case): tile full iff one document spans it.
@@ -216,6 +226,9 @@ class TensorMask(Mask):
             raise ValueError(f"this tensor mask is for Nk={self.nk}, asked for Nk={num_keys}")
         return gather_dense(self.tensor, self.nq, self.nk, b, h, q, k)
 
+    def data_tensors(self):
+        return (self.tensor,)
+
     def to_dense(self, nq, nk=None, *, batch=None, heads=None, device=None):
         nk = nq if nk is None else nk
         if (nq, nk) != (self.nq, self.nk):
@@ -237,7 +250,11 @@ class FunctionMask(Mask):
         out = self.fn(b, h, q, k)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             raise TypeError(f"mask function {self.name} must return a bool tensor, got {getattr(out, 'dtype', type(out))}")
+        check_elementwise(f"mask function {self.name}", out, b, h, q, k)
         return out
+
+    def check(self, nq, nk, *, batch=1, heads=1):
+        self.allows(*probe_grid(nq, nk), num_keys=nk)  # type and shape of fn's result, on a tiny grid
 
     def __repr__(self):
         return f"from_function({self.name})"

@@ -24,6 +24,7 @@ from .base import (
     _check_keys,
     _check_rows,
     _classify,
+    check_tile_args,
     evaluate_tiles,
 )
 
@@ -68,6 +69,9 @@ class Dilated(Mask):
         ok = (torch.remainder(d, self.dilation) == 0) & (d <= span)
         return ok & (d >= 0) if self.causal else ok & (d >= -span)
 
+    def data_tensors(self):
+        return ()
+
     def __repr__(self):
         return f"dilated({self.width}, {self.dilation}, causal={self.causal})"
 
@@ -91,6 +95,9 @@ class Strided(Mask):
     def allows(self, b, h, q, k, *, num_keys=None):
         d = q - k
         return (d >= 0) & (torch.remainder(d, self.stride) == 0)
+
+    def data_tensors(self):
+        return ()
 
     def __repr__(self):
         return f"strided({self.stride})"
@@ -120,6 +127,9 @@ class Fixed(Mask):
         summary = torch.remainder(k, self.block) >= self.block - self.summary
         ok = same | summary
         return ok & (k <= q) if self.causal else ok
+
+    def data_tensors(self):
+        return ()
 
     def __repr__(self):
         return f"fixed({self.block}, {self.summary}, causal={self.causal})"
@@ -179,8 +189,12 @@ class BlockSparse(Mask):
         qb = torch.div(q.clamp_min(0), self.block_size, rounding_mode="floor")
         return lay[hi, qb, torch.div(k, self.block_size, rounding_mode="floor")] & (q >= 0)
 
+    def data_tensors(self):
+        return (self.layout,)
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         bs = self.block_size
+        check_tile_args(nq, nk, block_q, block_k)
         self.check(nq, nk, batch=batch, heads=heads)
         if nq > nk or (nk - nq) % bs or block_q % bs or block_k % bs:
             return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
@@ -258,7 +272,11 @@ class GlobalTokens(Mask):
     def allows(self, b, h, q, k, *, num_keys=None):
         return self._is_global(b, q, num_keys) | self._is_global(b, k, num_keys)
 
+    def data_tensors(self):
+        return (self.flags if self.flags is not None else self.indices,)
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
+        check_tile_args(nq, nk, block_q, block_k)
         self.check(nq, nk, batch=batch, heads=heads)
         device = device or self.device
         pos = torch.arange(nk, device=device)
@@ -306,6 +324,8 @@ class BigBird(Mask):
         self.random_blocks = _pos_int("random_blocks", "bigbird", random_blocks, 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"bigbird: seed must be an int, got {seed!r}")
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"bigbird: seed must be an int in [0, 2**64), got {seed!r}")
         self.seed = seed
 
     def allows(self, b, h, q, k, *, num_keys=None):
@@ -320,6 +340,9 @@ class BigBird(Mask):
             for r in range(self.random_blocks):
                 ok = ok | (hash_coords(self.seed, h, qb, r) % nkb == kb)
         return ok & (q >= 0)  # a query before key 0 is in no block
+
+    def data_tensors(self):
+        return ()
 
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)

@@ -22,6 +22,8 @@ bfloat16 result has one rounding. Cost O(N * D) time and memory; the cache is O(
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -91,8 +93,10 @@ class RotaryEmbedding(nn.Module):
         rotary_dim = dim if rotary_dim is None else rotary_dim
         if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > dim:
             raise ValueError(f"RotaryEmbedding: rotary_dim must be an even int in [2, dim={dim}], got {rotary_dim!r}")
-        if not base > 0:
-            raise ValueError(f"RotaryEmbedding: base must be > 0, got {base!r}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+            raise ValueError(f"RotaryEmbedding: base must be a finite number > 0 (theta, e.g. 10000.0), got {base!r}")
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"RotaryEmbedding: interleaved must be a bool, got {interleaved!r}")
         self.dim, self.base, self.interleaved, self.rotary_dim = dim, float(base), bool(interleaved), rotary_dim
         # A plain attribute, not a buffer: model.to(torch.bfloat16) must not round the frequencies.
         self.inv_freq = rope_inv_freq(rotary_dim, self.base)  # (P,) float64, CPU

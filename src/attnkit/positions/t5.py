@@ -14,7 +14,9 @@ The logarithm is evaluated in float32 with the same operation order as transform
 buckets equal theirs exactly (tested for every r in [-1000, 1000]).
 
 The spec gathers from the (NB, H) table per (q, k) index tile, never building Nq x Nk except in
-``to_dense``; ``tensors()`` returns the table so tiled backends route its gradient.
+``to_dense``, through a lookup table of the 4 max_distance + 1 relative offsets (or, when
+max_distance > LUT_LIMIT / 2, the bucket formula per score, so memory never grows with it);
+``tensors()`` returns the table so tiled backends route its gradient.
 Cost: O(1) memory per score; table O(NB * H).
 """
 
@@ -66,6 +68,12 @@ def t5_relative_bucket(relative_position: torch.Tensor, bidirectional: bool = Tr
     return buckets + torch.where(is_small, r, large)
 
 
+# Largest c = 2 * max_distance served by a lookup table of relative offsets (2c + 1 entries): beyond
+# it (T5's max_distance is 128) buckets are computed per score from the formula, so the memory does
+# not grow with max_distance (a 4-million-entry table for max_distance=10**6 and 8 tokens).
+LUT_LIMIT = 4096
+
+
 class T5Bias(Bias):
     """Bias spec: ``bias(b, h, q, k) = table[bucket(k - q), h]`` with ``table`` (num_buckets, H).
 
@@ -114,8 +122,10 @@ class T5Bias(Bias):
     def __call__(self, b, h, q, k) -> torch.Tensor:
         if h.device.type == "cpu" and h.numel() and int(h.max()) >= self.num_heads:
             raise ValueError(f"T5Bias table has {self.num_heads} heads but was asked for head {int(h.max())}")
-        lut, c = self._lut(q.device)
         table = self.table if self.table.device == q.device else self.table.to(q.device)
+        if 2 * self.max_distance > LUT_LIMIT:  # a lookup table would outgrow any input: bucket directly
+            return table[t5_relative_bucket(k - q, self.bidirectional, self.num_buckets, self.max_distance), h]
+        lut, c = self._lut(q.device)
         per_offset = table[lut]  # (2c + 1, H): the bias of each clamped relative position
         idx = ((k + c) - q).clamp_(0, 2 * c)  # r = k - q, shifted to [0, 2c] (k + c is small)
         return per_offset[idx, h]  # broadcast of (q, k) and h shapes
