@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attnkit
+from attnkit import biases as Bi
 from attnkit import masks as M
 from attnkit.backends import BACKENDS
 from attnkit.dispatch import NoBackendError
@@ -43,6 +44,8 @@ def r(*s, dtype=torch.float64):
     (lambda q, k, v: (q, r(1, 2, 5, 6), v), ValueError, r"batch sizes differ: q \(2, 4, 3, 6\), k \(1, 2, 5, 6\)"),
     (lambda q, k, v: (q, k, r(2, 2, 4, 7)), ValueError, r"k \(2, 2, 5, 6\) and v \(2, 2, 4, 7\) must agree in heads and length"),
     (lambda q, k, v: (q, r(2, 2, 0, 6), r(2, 2, 0, 7)), ValueError, r"k has no keys \(Nk=0\)"),
+    # issue 10: D=0 was a ZeroDivisionError
+    (lambda q, k, v: (q[..., :0], k[..., :0], v), ValueError, r"q and k have head dim D=0: q \(2, 4, 3, 0\)"),
 ])
 def test_qkv_errors(args, exc, match):
     q, k, v = args(*qkv())
@@ -86,6 +89,20 @@ def test_qkv_errors(args, exc, match):
     ({"backend": "sdpa", "softcap": 2.0}, NoBackendError, r"backend 'sdpa' cannot run this call \(q \(2, 4, 3, 6\), .*\): sdpa has no softcap"),
     ({"backend": "sdpa", "return_weights": True}, NoBackendError, "sdpa does not return attention weights"),
     ({"backend": "sdpa", "mask": M.key_padding(torch.tensor([5, 0]))}, NoBackendError, "fully masked query rows"),
+    # issue 10: accepted silently before (NaN, True, a seed reduced mod 2^32, deep torch errors)
+    ({"bias": torch.tensor([[0.0] * 4 + [float("inf")]] * 3, dtype=torch.float64)}, ValueError,
+     r"bias has 3 entries equal to \+inf, which make the softmax NaN"),
+    ({"return_weights": "no"}, TypeError, "return_weights must be True or False, got 'no'"),
+    ({"return_weights": 1}, TypeError, "return_weights must be True or False, got 1"),
+    ({"dropout_p": 0.1, "dropout_seed": -1}, ValueError, r"dropout_seed must be an int in \[0, 2\*\*64\), got -1"),
+    ({"dropout_p": 0.1, "dropout_seed": 2**64}, ValueError, r"dropout_seed must be an int in \[0, 2\*\*64\)"),
+    ({"mask": M.key_padding(torch.tensor([6, 5]))}, ValueError, r"key_padding: lengths \[6, 5\] exceed the number of keys Nk=5"),
+    ({"mask": M.from_function(lambda b, h, i, j: torch.ones(3, 5, 7, dtype=torch.bool), name="own_size")}, ValueError,
+     r"mask function own_size returned shape \(3, 5, 7\), which does not broadcast to the shape of its index tensors"),
+    ({"mask": M.from_function(lambda b, h, i, j: (i - j).float(), name="floaty")}, TypeError,
+     "mask function floaty must return a bool tensor, got torch.float32"),
+    ({"bias": Bi.from_function(lambda b, h, i, j: torch.zeros(4, 4, 4, 4, 4), name="own_size")}, ValueError,
+     r"bias function own_size returned shape \(4, 4, 4, 4, 4\), which does not broadcast"),
 ])
 def test_argument_errors(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -112,3 +129,21 @@ def test_no_backend_fits_lists_every_backend(monkeypatch):
         assert f"  - {name}: " in msg
         if name != "sdpa":
             assert f"{name} refused for this test" in msg
+
+
+@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+def test_dropout_seeds_use_all_64_bits(backend):
+    """7 and 7 + 2^32 gave the same dropout pattern (the seed was reduced mod 2^32 silently)."""
+    q, k, v = qkv()
+    a, b, c = (attnkit.attention(q, k, v, dropout_p=0.5, dropout_seed=s, backend=backend) for s in (7, 7 + 2**32, 7))
+    assert not torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "blockwise"])
+def test_wrong_shaped_function_specs_fail_with_a_clear_error_on_every_backend(backend):
+    """A function spec that ignores its index tensors used to die deep in torch (an expand/broadcast
+    error naming internal shapes); it is probed on a tiny grid before any backend runs."""
+    q, k, v = qkv()
+    bias = Bi.from_function(lambda b, h, i, j: torch.zeros(3, 5), name="table")  # (Nq, Nk) of its own
+    with pytest.raises(ValueError, match=r"bias function table returned shape \(3, 5\)"):
+        attnkit.attention(q, k, v, bias=bias, backend=backend)

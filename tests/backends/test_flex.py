@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnkit
 from attnkit import biases as Bi
 from attnkit import masks as M
 from attnkit.backends import BACKENDS
@@ -23,8 +24,9 @@ def test_flex_matches_reference_gqa_cross_lengths_bias_softcap():
     reset_compile_cache()  # other tests in this process may have used flex's recompile budget
     shape = Shape(2, 4, 2, 200, 300, 16, 8)
     q, k, v = make_qkv(shape, dtype=torch.float32, seed=0, requires_grad=False)
+    lengths = torch.tensor([300, 0])
     mask = ((M.prefix_lm(40) & M.sliding_window(100)) | M.from_function(lambda b, h, i, j: (i + j) % 7 == 0)) \
-        & M.key_padding(torch.tensor([300, 0]))
+        & M.key_padding(lengths)
     bias = Bi.from_function(lambda b, h, i, j: -0.01 * (i - j).float() * (h + 1).float(), name="slopes")
     call = make_call(q, k, v, mask=mask, bias=bias, softcap=3.0)
     assert BACKENDS["flex"].not_supported_reasons(call) == []
@@ -32,6 +34,59 @@ def test_flex_matches_reference_gqa_cross_lengths_bias_softcap():
     ref = BACKENDS["reference"].run(make_call(q.double(), k.double(), v.double(), mask=mask, bias=bias, softcap=3.0))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert_close(out, ref, torch.float32, "flex")
+
+    # Issue 10, same compiled kernel: (a) the spec's data edited in place must not reuse a stale
+    # block mask (a reused key_padding buffer gave a max error of 0.64); (b) the NaN rule: a NaN
+    # query row is NaN, NaN in masked keys' k / v changes nothing.
+    def both():
+        kw = {"mask": mask, "bias": bias, "softcap": 3.0}
+        return (attnkit.attention(q, k, v, backend="flex", **kw),
+                attnkit.attention(q.double(), k.double(), v.double(), backend="reference", **kw))
+
+    lengths.copy_(torch.tensor([130, 257]))
+    out, ref = both()
+    assert_close(out, ref, torch.float32, "flex")
+    with torch.no_grad():
+        q[0, 1, 17] = float("nan")
+        k[0, 0, 200], v[1, 1, 290, 3] = float("nan"), float("inf")  # keys past each length: masked
+    out, ref = both()
+    assert torch.equal(out.isnan(), ref.isnan()) and int(out.isnan().any(-1).sum()) == 1
+    assert_close(out.nan_to_num(), ref.nan_to_num(), torch.float32, "flex")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (torch.tensor([300, 120]), M.key_padding),
+    lambda: (torch.arange(520) // 100, M.document),
+    lambda: (torch.ones(300, 520, dtype=torch.bool).tril(220), lambda t: M.TensorMask(t, 300, 520)),
+    lambda: (torch.tensor([7, 400]), lambda t: M.causal() & M.global_tokens(t)),
+], ids=["key_padding", "document", "tensor", "global_tokens"])
+def test_block_mask_cache_sees_in_place_edits(make):
+    """Block masks were cached by the spec's identity: editing its data in place gave stale masks."""
+    data, build = make()
+    spec = build(data)
+    Nq, Nk = 300, 520
+    first = block_mask_for(spec, 2, 1, Nq, Nk, "cpu")
+    assert block_mask_for(spec, 2, 1, Nq, Nk, "cpu") is first  # unchanged data: cached
+    with torch.no_grad():
+        if data.dtype == torch.bool:
+            data.logical_not_()
+        else:
+            data.copy_(data // 2)
+    fresh = block_mask_for(spec, 2, 1, Nq, Nk, "cpu")
+    assert fresh is not first
+    rebuilt = block_mask_for(build(data.clone()), 2, 1, Nq, Nk, "cpu")
+    assert torch.equal(fresh.to_dense(), rebuilt.to_dense())
+    assert not torch.equal(first.to_dense(), fresh.to_dense())
+
+
+def test_block_masks_of_function_specs_are_never_cached():
+    """A function's closure may hold data we cannot see: its tiles are recomputed on every call."""
+    table = torch.zeros(520, dtype=torch.bool)
+    spec = M.from_function(lambda b, h, i, j: table[j], name="lookup")
+    a = block_mask_for(spec, 1, 1, 300, 520, "cpu").to_dense().clone()
+    table[:130] = True
+    b = block_mask_for(spec, 1, 1, 300, 520, "cpu").to_dense()
+    assert a.sum() == 0 and b.sum() > 0
 
 
 @pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(130, 7), M.prefix_lm(200)], ids=repr)

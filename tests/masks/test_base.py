@@ -216,6 +216,52 @@ def test_tiles_reject_bad_blocks():
         M.evaluate_tiles(M.causal(), 4, 4, 0, 2)
 
 
+@pytest.mark.parametrize("spec", [
+    M.causal(), M.sliding_window(2, 1), M.prefix_lm(2), M.key_padding(torch.tensor([8])),
+    M.document(torch.tensor([0, 0, 1, 1, 1, 1, 2, 2])), M.block_sparse(torch.ones(4, 4, dtype=torch.bool), 2),
+    M.global_tokens(torch.tensor([1])), M.bigbird(2, 1, 1, 1), M.causal() & M.key_padding(torch.tensor([5])),
+    M.sliding_window(1) | M.strided(3),
+], ids=repr)
+@pytest.mark.parametrize("blocks", [(0, 0), (8, 0), (0, 8), (2.0, 4)])
+def test_every_spec_rejects_bad_tile_sizes(spec, blocks):
+    """causal().tiles(8, 8, 0, 0) was a ZeroDivisionError (closed-form tiles skipped the check)."""
+    with pytest.raises(ValueError, match=r"tiles: block_[qk] must be an int >= 1, got"):
+        spec.tiles(8, 8, *blocks)
+
+
+@pytest.mark.parametrize("sizes", [(-1,), (4, -1), (2.5, 4), (True, 4)])
+def test_to_dense_rejects_bad_sizes(sizes):
+    with pytest.raises(ValueError, match=r"to_dense: n[qk] must be an int >= 0, got"):
+        M.causal().to_dense(*sizes)
+
+
+def test_to_dense_of_a_data_spec_covers_its_whole_batch():
+    """Without batch=, a data spec's dense form used to be cut to its first row."""
+    spec = M.key_padding(torch.tensor([3, 5]))
+    d = spec.to_dense(6)
+    assert d.shape == (2, 1, 6, 6)
+    assert d[:, 0, 0].sum(-1).tolist() == [3, 5]
+    assert (M.causal() & spec).to_dense(6).shape == (2, 1, 6, 6)
+
+
+def test_data_tensors_list_what_allows_reads():
+    """What flex's block-mask cache compares (a spec edited in place must not reuse a stale one)."""
+    lengths, ids = torch.tensor([3, 4]), torch.tensor([0, 0, 1])
+    assert M.causal().data_tensors() == () and M.bigbird(2).data_tensors() == ()
+    assert M.key_padding(lengths).data_tensors()[0] is not None
+    both = (M.key_padding(lengths) & M.document(ids)).data_tensors()
+    assert [t.tolist() for t in both] == [[3, 4], [[0, 0, 1]]]  # ids are kept as (1, Nk)
+    assert M.prefix_lm(2).data_tensors() == () and len(M.prefix_lm(torch.tensor([1])).data_tensors()) == 1
+    assert M.from_function(lambda b, h, q, k: q >= k).data_tensors() is None  # cannot see its closure
+    assert (M.causal() | M.from_function(lambda b, h, q, k: q >= k)).data_tensors() is None
+
+    class Custom(M.Mask):
+        def allows(self, b, h, q, k, *, num_keys=None):
+            return q >= k
+
+    assert Custom().data_tensors() is None  # a subclass that says nothing is never cached
+
+
 # ---------------------------------------------------------------------------------------------
 # Pictures and reprs
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +309,11 @@ def test_str_of_data_masks_uses_their_length():
     (lambda: M.key_padding(torch.tensor([-1])), "lengths must be >= 0"),
     (lambda: M.key_padding_from_bool(torch.zeros(2, 3)), r"is_pad must be a bool tensor \(B, Nk\)"),
     (lambda: M.document(torch.zeros(3)), r"ids must be an integer tensor \(Nk,\) or \(B, Nk\)"),
+    # issue 10 (fixed in the restructuring; pinned here): bools are not ints
+    (lambda: M.sliding_window(True), "sliding_window: left must be an int >= 0, got True"),
+    (lambda: M.sliding_window(3, False), "sliding_window: right must be an int >= 0, got False"),
+    (lambda: M.document(torch.tensor([True, False])), r"document: ids must be an integer tensor .* got torch.bool"),
+    (lambda: M.key_padding(torch.tensor([True])), "key_padding: lengths must be a 1-D integer tensor"),
 ])
 def test_constructor_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -288,7 +339,8 @@ def test_specs_are_traceable_elementwise():
     specs = [M.document(torch.tensor([[0, 0, 1, 1]])), M.global_tokens(torch.tensor([1])),
              M.global_tokens(torch.tensor([[True, False, False, True]])), M.key_padding(torch.tensor([3])),
              M.prefix_lm(torch.tensor([2])), M.block_sparse(torch.eye(2, dtype=torch.bool), 2),
-             M.bigbird(2, 1, 1, 1, seed=0), M.causal() & M.sliding_window(2), M.dilated(2, 1) | M.fixed(2, 1)]
+             M.bigbird(2, 1, 1, 1, seed=0), M.causal() & M.sliding_window(2), M.dilated(2, 1) | M.fixed(2, 1),
+             M.from_function(lambda b, h, q, k: q >= k, name="checked")]  # its shape check traces too
     z = torch.zeros((), dtype=torch.long)
     for spec in specs:
         fn = lambda b, h, q, k, spec=spec: spec.allows(b, h, q, k, num_keys=4)  # noqa: E731

@@ -233,3 +233,21 @@ def test_tiles_with_batch_and_head_dependence():
     assert t.shape == (2, 1, 4, 5) and not torch.equal(t[0], t[1])
     t = M.block_sparse(layout, 2).tiles(7, 9, 2, 2, heads=3)
     assert t.shape[:2] == (1, 3)
+
+
+@pytest.mark.parametrize("seed, exc, match", [
+    (1.7, TypeError, "bigbird: seed must be an int, got 1.7"),
+    ("x", TypeError, "bigbird: seed must be an int, got 'x'"),
+    (True, TypeError, "bigbird: seed must be an int, got True"),
+    (-1, ValueError, r"bigbird: seed must be an int in \[0, 2\*\*64\), got -1"),
+    (2**64, ValueError, r"bigbird: seed must be an int in \[0, 2\*\*64\)"),
+])
+def test_bigbird_seed_errors(seed, exc, match):
+    """bigbird(seed=1.7) was truncated and seed="x" failed deep inside; negative seeds were masked."""
+    with pytest.raises(exc, match=match):
+        M.bigbird(4, seed=seed)
+
+
+def test_bigbird_seeds_differ_in_high_bits():
+    a, b = (M.bigbird(2, 1, 0, 2, seed=s).to_dense(32, heads=2) for s in (5, 5 + 2**32))
+    assert not torch.equal(a, b)

@@ -95,6 +95,7 @@ class _Cache:
 
 
 _BLOCK_MASKS = _Cache(_CACHE_SIZE)
+_MASK_MODS = _Cache(_CACHE_SIZE)
 _SCORE_MODS = _Cache(_CACHE_SIZE)
 _COMPILED_KEYS: set = set()  # what torch.compile has specialised flex_attention on so far
 
@@ -109,6 +110,7 @@ def reset_compile_cache() -> None:
     torch._dynamo.reset()
     _COMPILED_KEYS.clear()
     _BLOCK_MASKS.data.clear()
+    _MASK_MODS.data.clear()
     _SCORE_MODS.data.clear()
 
 
@@ -146,14 +148,25 @@ def _same_data(snapshot: tuple, data: tuple) -> bool:
         for a, b in zip(snapshot, data))
 
 
+def _mask_mod_for(mask, Nq: int, Nk: int):
+    """flex's mask_mod for the spec, one function object per (spec, Nq, Nk): it reads the spec's
+    data when called (never stale), and reusing it keeps torch.compile from specialising again
+    when only the block lists are rebuilt."""
+    def build():
+        off = Nk - Nq
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask.allows(b, h, q_idx + off, kv_idx, num_keys=Nk)
+
+        return (mask, mask_mod)
+
+    return _MASK_MODS.get((id(mask), Nq, Nk), build)[1]
+
+
 def _build_block_mask(mask, B, Hq, Nq, Nk, device):
     from torch.nn.attention.flex_attention import BlockMask
 
-    off = Nk - Nq
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return mask.allows(b, h, q_idx + off, kv_idx, num_keys=Nk)
-
+    mask_mod = _mask_mod_for(mask, Nq, Nk)
     dep_b, dep_h = _depends_on(mask, B, Hq, Nk)
     tm = mask.tiles(Nq, Nk, BLOCK, BLOCK, batch=B if dep_b else 1, heads=Hq if dep_h else 1, device=device)
     tm = tm.to(device)

@@ -5,12 +5,24 @@ Legend: B batch, N tokens, E d_model, F d_ff, V vocab size, Nc context (encoder)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..nn.mha import MultiHeadAttention
 from ..positions import absolute as A
 from .config import LayerSpec, TransformerConfig
+
+
+def check_token_ids(name: str, tokens: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must lie in [0, vocab_size) (an embedding lookup would raise an IndexError)."""
+    if tokens.numel():
+        lo, hi = (int(x) for x in torch.aminmax(tokens))
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab_size}) "
+                             f"(vocab_size={vocab_size})")
 
 
 class Embedder(nn.Module):
@@ -30,6 +42,7 @@ class Embedder(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (B, N), got {got}")
+        check_token_ids("tokens", tokens, self.tok.num_embeddings)
         h = self.tok(tokens)  # (B, N, E)
         if self.pos is not None:
             h = self.pos(h, offset=offset)
@@ -70,12 +83,17 @@ class Block(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
+def check_sampling(temperature, top_k) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
     """Next token (B,) from logits (B, V): greedy when temperature == 0, else top-k sampling."""
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -86,4 +104,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-__all__ = ["Embedder", "FeedForward", "Block", "sample_next"]
+def check_generate_args(max_new_tokens, temperature, top_k) -> None:
+    """The arguments every ``generate`` shares, checked before any work."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k)
+
+
+__all__ = ["Embedder", "FeedForward", "Block", "sample_next", "check_token_ids", "check_generate_args"]

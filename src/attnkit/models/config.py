@@ -105,12 +105,23 @@ class TransformerConfig:
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"TransformerConfig.{name} must be an int >= 1, got {val!r}")
+        for name in ("num_kv_heads", "d_ff"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                raise ValueError(f"TransformerConfig.{name} must be None or an int >= 1, got {val!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"TransformerConfig: d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"TransformerConfig: num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"TransformerConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         if self.abs_position not in (None, "learned", "sinusoidal"):
             raise ValueError(f"TransformerConfig.abs_position must be None, 'learned' or 'sinusoidal', got {self.abs_position!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"TransformerConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"TransformerConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
         for i in range(self.num_layers):
             s = self.layer(i)
             _check_layer(s, i)

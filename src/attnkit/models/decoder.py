@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import Block, Embedder, sample_next
+from .blocks import Block, Embedder, check_generate_args, sample_next
 from .config import TransformerConfig
 
 
@@ -46,18 +46,21 @@ class DecoderLM(nn.Module):
         return self.head(self.norm(h))  # (B, N, V)
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 *, use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue ``prompt`` (B, P) by ``max_new_tokens``: returns (B, P + T).
 
-        temperature=0 is greedy; otherwise softmax(logits / temperature) over the top_k tokens.
+        Greedy by default (temperature=0, like ``Seq2Seq.generate``); temperature > 0 samples
+        from softmax(logits / temperature) over the top_k tokens.
         use_cache=True prefills the caches with the prompt and then feeds one token per step;
         use_cache=False recomputes the whole sequence every step (same tokens, O(T^2) work).
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
-            raise ValueError(f"prompt must be a non-empty (B, P) integer tensor, got shape {tuple(prompt.shape)}")
+        check_generate_args(max_new_tokens, temperature, top_k)
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.shape[1] == 0 \
+                or prompt.is_floating_point() or prompt.dtype == torch.bool:
+            got = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt must be a non-empty (B, P) integer tensor, got {got}")
         out = prompt
         if max_new_tokens == 0:
             return out

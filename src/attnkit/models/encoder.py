@@ -33,11 +33,18 @@ class TransformerEncoder(nn.Module):
         return self.norm(h)
 
 
+def _check_count(cls: str, name: str, val) -> int:
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        raise ValueError(f"{cls}: {name} must be an int >= 1, got {val!r}")
+    return val
+
+
 class SequenceClassifier(nn.Module):
     """Mean of the non-padded hidden states -> linear: logits (B, C)."""
 
     def __init__(self, cfg: TransformerConfig, num_classes: int):
         super().__init__()
+        _check_count("SequenceClassifier", "num_classes", num_classes)
         self.encoder = TransformerEncoder(cfg)
         self.head = nn.Linear(cfg.d_model, num_classes)
 
@@ -53,6 +60,7 @@ class TokenTagger(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, num_tags: int):
         super().__init__()
+        _check_count("TokenTagger", "num_tags", num_tags)
         self.encoder = TransformerEncoder(cfg)
         self.head = nn.Linear(cfg.d_model, num_tags)
 

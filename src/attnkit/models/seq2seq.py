@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..caches import StaticKV
-from .blocks import Block, Embedder, sample_next
+from .blocks import Block, Embedder, check_generate_args, sample_next
 from .config import TransformerConfig
 from .encoder import TransformerEncoder
 
@@ -44,6 +44,10 @@ class Seq2Seq(nn.Module):
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor, *, src_padding_mask: torch.Tensor | None = None,
                caches: list | None = None) -> torch.Tensor:
+        if isinstance(tgt, torch.Tensor) and isinstance(memory, torch.Tensor) and tgt.dim() == 2 and memory.dim() == 3 \
+                and tgt.shape[0] != memory.shape[0]:
+            raise ValueError(f"src and tgt must have the same batch size: the source (memory {tuple(memory.shape)}) "
+                             f"has batch {memory.shape[0]}, tgt {tuple(tgt.shape)} has batch {tgt.shape[0]}")
         offset = 0 if caches is None else caches[0][0].length
         h = self.embed(tgt, offset)  # (B, N, E)
         for i, blk in enumerate(self.blocks):
@@ -59,7 +63,14 @@ class Seq2Seq(nn.Module):
     def generate(self, src: torch.Tensor, max_new_tokens: int, bos_id: int, *, src_padding_mask=None,
                  temperature: float = 0.0, top_k: int | None = None, use_cache: bool = True,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode from ``bos_id``: returns (B, 1 + max_new_tokens) target tokens (greedy by default)."""
+        """Decode from ``bos_id``: returns (B, 1 + max_new_tokens) target tokens.
+
+        Greedy by default (temperature=0, like ``DecoderLM.generate``); temperature > 0 samples
+        from softmax(logits / temperature) over the top_k tokens."""
+        check_generate_args(max_new_tokens, temperature, top_k)
+        V = self.cfg.vocab_size
+        if not isinstance(bos_id, int) or isinstance(bos_id, bool) or not 0 <= bos_id < V:
+            raise ValueError(f"bos_id must be a token id in [0, {V}) (vocab_size={V}), got {bos_id!r}")
         memory = self.encode(src, src_padding_mask=src_padding_mask)
         B = src.shape[0]
         out = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)

@@ -45,7 +45,7 @@ def default_num_features(head_dim: int) -> int:
 
 
 def draw_favor_projection(num_features: int, head_dim: int, *, generator: torch.Generator | None = None,
-                          orthogonal: bool = True, scaling: str = "chi", dtype: torch.dtype = torch.float32,
+                          orthogonal: bool = True, scaling: str = "chi", dtype: torch.dtype = torch.float64,
                           device=None) -> torch.Tensor:
     """Random projection W (m, D) for FAVOR+ features, drawn from ``generator`` (seeded, reproducible).
 
@@ -55,8 +55,12 @@ def draw_favor_projection(num_features: int, head_dim: int, *, generator: torch.
     (chi_D distributed), so every row is marginally N(0, I_D) and the estimator stays unbiased;
     scaling="sqrt_d" uses the constant sqrt(D) (performer-pytorch's ``scaling=1``).
     orthogonal=False: i.i.d. Gaussian rows (``scaling`` is ignored).
-    The draw happens on CPU in float64, then is cast, so it does not depend on the device.
+    The draw happens on CPU in float64 and is returned in float64 unless ``dtype`` says
+    otherwise, so it does not depend on the device, and a float64 call gets the exact draw (a
+    call in a lower precision casts it to its compute dtype: the rounding it would get anyway).
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     if not isinstance(num_features, int) or num_features <= 0:
         raise ValueError(f"num_features must be an int > 0, got {num_features!r}")
     if not isinstance(head_dim, int) or head_dim <= 0:
@@ -195,7 +199,9 @@ def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pr
 
     Args:
         q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv); Hq a multiple of Hk.
-        projection: W (m, D), e.g. ``draw_favor_projection(m, D, generator=g)``; shared by heads.
+        projection: W (m, D), e.g. ``draw_favor_projection(m, D, generator=g)`` (float64 by
+            default); shared by heads; used in the compute dtype (a float32 projection in a
+            float64 call is used as its float32 values: draw in float64 for an exact draw).
         causal: bottom-right aligned (query i at key position i + Nk - Nq).
         mask: as ``linear_attention`` (None, causal, key padding, their &, bool (B, 1, 1, Nk)).
         scale: of q.k in the softmax being approximated; default 1/sqrt(D) (x = q D^-1/4).
@@ -332,14 +338,16 @@ class PerformerCore(nn.Module):
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.register_buffer("projection", self._draw())  # (m, D)
 
-    def _draw(self) -> torch.Tensor:
+    def _draw(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return draw_favor_projection(self.num_features, self.head_dim, generator=self.generator,
-                                     orthogonal=self.spec.orthogonal, scaling=self.spec.scaling)
+                                     orthogonal=self.spec.orthogonal, scaling=self.spec.scaling,
+                                     dtype=dtype or torch.get_default_dtype())
 
     @torch.no_grad()
     def redraw(self) -> None:
-        """Draw the next projection from the generator (in place: the buffer keeps its device and dtype)."""
-        self.projection.copy_(self._draw())
+        """Draw the next projection from the generator (in place: the buffer keeps its device and
+        dtype; drawn in that dtype, so a float64 module gets an exact float64 draw)."""
+        self.projection.copy_(self._draw(self.projection.dtype))
 
     def forward(self, q, k, v, *, mask, bias, dropout_p, need_weights, cache, query_valid=None):
         s = self.spec
