@@ -157,3 +157,64 @@ def test_config_per_layer_choice_and_errors():
         DecoderLM(TransformerConfig(vocab_size=5, layers=LayerSpec(Linformer(max_len=8))))
     assert causal_variant(Linear()).causal and causal_variant(Performer()).causal
     assert causal_variant(Additive()).mask is not None
+
+
+def _tiny_lm(**kw):
+    torch.manual_seed(0)
+    return DecoderLM(TransformerConfig(vocab_size=11, d_model=16, num_heads=2, num_layers=1, max_len=32, **kw)).eval()
+
+
+@pytest.mark.parametrize("tokens", [[[1, 11]], [[1, -1]], [[99]]])
+def test_token_ids_outside_the_vocabulary_are_named(tokens):
+    """Used to be an IndexError from the embedding ("index out of range in self")."""
+    with pytest.raises(ValueError, match=r"tokens holds token id -?\d+, outside the vocabulary \[0, 11\)"):
+        _tiny_lm()(torch.tensor(tokens))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"temperature": float("nan")}, r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
+    ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+    ({"temperature": "1"}, "temperature must be a finite number >= 0"),
+    ({"top_k": True}, "top_k must be None or an int >= 1, got True"),
+])
+def test_generate_checks_its_arguments_before_any_work(kw, match):
+    lm = _tiny_lm()
+    with pytest.raises(ValueError, match=match):
+        lm.generate(torch.tensor([[1, 2]]), 3, **kw)
+    with pytest.raises(ValueError, match=match):
+        Seq2Seq(lm.cfg).generate(torch.tensor([[1, 2]]), 3, bos_id=1, **kw)
+
+
+def test_generate_defaults_are_greedy_for_both_models():
+    """DecoderLM.generate sampled by default (temperature 1.0) while Seq2Seq.generate was greedy."""
+    import inspect
+
+    lm = _tiny_lm()
+    for fn in (DecoderLM.generate, Seq2Seq.generate):
+        assert inspect.signature(fn).parameters["temperature"].default == 0.0
+        assert inspect.signature(fn).parameters["temperature"].kind is inspect.Parameter.KEYWORD_ONLY
+    p = torch.tensor([[1, 2, 3]])
+    assert torch.equal(lm.generate(p, 5), lm.generate(p, 5, temperature=0))
+    s2s = Seq2Seq(lm.cfg).eval()
+    assert torch.equal(s2s.generate(p, 4, bos_id=1), s2s.generate(p, 4, bos_id=1, temperature=0))
+
+
+def test_seq2seq_errors_name_the_argument():
+    s2s = Seq2Seq(TransformerConfig(vocab_size=11, d_model=16, num_heads=2, num_layers=1)).eval()
+    src = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match=r"bos_id must be a token id in \[0, 11\) \(vocab_size=11\), got 99"):
+        s2s.generate(src, 3, bos_id=99)  # was an IndexError
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+        s2s.generate(src, -1, bos_id=1)
+    with pytest.raises(ValueError, match=r"src and tgt must have the same batch size: .* has batch 1, tgt \(2, 2\) has batch 2"):
+        s2s(src, torch.tensor([[1, 2], [3, 4]]))  # was reported as a "context" shape error
+
+
+def test_generate_under_cpu_autocast_just_works():
+    """Under torch.autocast("cpu", bfloat16) the float32 caches received bf16 keys: TypeError."""
+    lm = _tiny_lm(layers=LayerSpec(Softmax(), Rope()))
+    p = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.autocast("cpu", torch.bfloat16):
+        cached = lm.generate(p, 6)
+        full = lm.generate(p, 6, use_cache=False)
+    assert cached.shape == (2, 9) and torch.equal(cached, full)

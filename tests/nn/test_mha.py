@@ -275,3 +275,28 @@ def test_dropout_is_seeded_and_only_in_training():
     torch.manual_seed(5)
     assert torch.equal(a, m(x))
     assert not torch.allclose(a, m.eval()(x))
+
+
+@pytest.mark.parametrize("dtype, exc, match", [
+    (torch.int64, TypeError, r"x must be a floating-point tensor \(embeddings, not token ids\), got dtype torch.int64"),
+    (torch.float64, TypeError, r"x has dtype torch.float64 but the module's weights are torch.float32; convert one"),
+])
+def test_input_dtype_errors_name_the_fix(dtype, exc, match):
+    """int64 / float64 inputs to float32 weights used to die in a mat1/mat2 dtype error."""
+    mha = MultiHeadAttention(8, 2)
+    with pytest.raises(exc, match=match):
+        mha(torch.ones(1, 3, 8, dtype=dtype))
+    with pytest.raises(exc, match=match.replace("x ", "context ").replace(r"x must", "context must")):
+        mha(torch.ones(1, 3, 8), context=torch.ones(1, 4, 8, dtype=dtype))
+
+
+def test_sparse_transformer_head_decodes_with_a_cache():
+    """The docs' merged strided head was refused for cached decoding ("is not causal")."""
+    torch.manual_seed(0)
+    s = 4
+    mha = MultiHeadAttention(8, 2, attention=Softmax(mask=M.sliding_window(s - 1) | M.strided(s))).to(F64)
+    x = torch.randn(2, 11, 8, dtype=F64)
+    full = mha(x)
+    cache = mha.make_cache(2, 11)
+    steps = torch.cat([mha(x[:, :5], cache=cache)] + [mha(x[:, i:i + 1], cache=cache) for i in range(5, 11)], dim=1)
+    assert_close(steps, full)

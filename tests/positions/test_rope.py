@@ -187,6 +187,11 @@ def test_cache_grows_and_module_apply_still_works():
 def test_errors():
     with pytest.raises(ValueError, match="dim must be an even"):
         RotaryEmbedding(7)
+    for base in (float("inf"), float("nan"), 0.0, -5, "10000", True):  # inf used to be accepted
+        with pytest.raises(ValueError, match=r"base must be a finite number > 0"):
+            RotaryEmbedding(8, base=base)
+    with pytest.raises(TypeError, match="interleaved must be a bool, got 'no'"):
+        RotaryEmbedding(8, interleaved="no")
     with pytest.raises(ValueError, match="rotary_dim"):
         RotaryEmbedding(8, rotary_dim=10)
     rope = RotaryEmbedding(8)

@@ -195,3 +195,18 @@ def test_spec_lookup_equals_bucket_function_far_out(bidirectional, num_buckets, 
     got = spec(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.zeros_like(r), r)
     want = hf_bucket(r, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance)
     assert torch.equal(got.long(), want)
+
+
+def test_huge_max_distance_keeps_no_huge_table():
+    """T5Bias(max_distance=10**6) kept a 4-million-entry lookup table for an 8-token input."""
+    from attnkit.positions import t5 as T5mod
+
+    table = torch.arange(32, dtype=torch.float64)[:, None].repeat(1, 2)
+    spec = T5Bias(table, max_distance=10**6)
+    got = spec.to_dense(8, 8, heads=2)
+    r = torch.arange(8)[None, :] - torch.arange(8)[:, None]  # k - q
+    assert torch.equal(got[0, 0].long(), hf_bucket(r, bidirectional=True, num_buckets=32, max_distance=10**6))
+    assert all(lut.numel() <= 2 * T5mod.LUT_LIMIT + 1 for lut in spec._luts.values())
+    small = T5Bias(table, max_distance=128)
+    small.to_dense(8, 8, heads=2)
+    assert [lut.numel() for lut in small._luts.values()] == [513]  # the fast lookup stays for T5's sizes

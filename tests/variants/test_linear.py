@@ -177,6 +177,11 @@ def test_argument_errors():
         linear_attention(q, k, v, causal=True, chunk_size=0)
     with pytest.raises(ValueError, match="feature_map"):
         linear_attention(q, k, v, feature_map=lambda x: x.sum(-1))
+    # issue 10 (fixed in the restructuring; pinned here)
+    with pytest.raises(ValueError, match=r"feature_map must be one of \['elu\+1'\] or a callable, got 'elu'"):
+        linear_attention(q, k, v, feature_map="elu")
+    with pytest.raises(ValueError, match=r"feature_map\(q\) returned negative values .* needs phi >= 0"):
+        linear_attention(q, k, v, feature_map=lambda x: x)
     with pytest.raises(ValueError, match="key padding|lengths has 2 entries"):
         linear_attention(q, k, v, mask=M.key_padding(torch.tensor([3, 4])))
     with pytest.raises(TypeError, match="bool tensor"):

@@ -25,7 +25,7 @@ from attnkit.variants.performer import (
     performer_attention,
     performer_attention_step,
 )
-from tests.strategies import make_qkv, shapes
+from tests.strategies import Shape, make_qkv, shapes
 from tests.tolerances import assert_close
 from tests.variants.test_linear import naive_linear
 
@@ -200,3 +200,31 @@ def test_scale_argument_sets_the_softmax_temperature():
     out = performer_attention(q, k, v, projection=w, scale=0.3)
     fm = lambda t: favor_features(t * 0.3 ** 0.5, w)                        # x = q scale^1/2
     assert_close(out, naive_linear(q, k, v, feature_map=fm))
+
+
+def test_default_projection_is_float64_so_float64_calls_get_the_exact_draw():
+    """draw_favor_projection used to default to float32: a float64 call was silently given a
+    float32-rounded projection. Decision: draw (and return) float64 by default; lower-precision
+    calls cast it to their compute dtype."""
+    from attnkit.variants import draw_favor_projection
+
+    w = draw_favor_projection(16, 4, generator=torch.Generator().manual_seed(1))
+    assert w.dtype == torch.float64
+    assert torch.equal(w.float(), draw_favor_projection(16, 4, generator=torch.Generator().manual_seed(1),
+                                                        dtype=torch.float32))
+    q, k, v = (t.detach() for t in make_qkv(Shape(1, 2, 2, 6, 6, 4, 4)))
+    exact = performer_attention(q, k, v, projection=w)
+    rounded = performer_attention(q, k, v, projection=w.float())
+    assert not torch.equal(exact, rounded)  # the rounding is visible in float64 ...
+    f32 = performer_attention(q.float(), k.float(), v.float(), projection=w)
+    assert torch.equal(f32, performer_attention(q.float(), k.float(), v.float(), projection=w.float()))  # ... not in float32
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        draw_favor_projection(4, 4, dtype=torch.int64)
+
+
+def test_module_redraws_in_its_own_dtype():
+    mod = PerformerAttention(16, 2, num_features=12, seed=3).double()
+    mod.redraw()
+    ref = PerformerAttention(16, 2, num_features=12, seed=3)
+    want = ref.core._draw(torch.float64)  # the generator's second draw, exact
+    assert mod.core.projection.dtype == torch.float64 and torch.equal(mod.core.projection, want)
