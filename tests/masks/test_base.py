@@ -235,15 +235,6 @@ def test_to_dense_rejects_bad_sizes(sizes):
         M.causal().to_dense(*sizes)
 
 
-def test_to_dense_of_a_data_spec_covers_its_whole_batch():
-    """Without batch=, a data spec's dense form used to be cut to its first row."""
-    spec = M.key_padding(torch.tensor([3, 5]))
-    d = spec.to_dense(6)
-    assert d.shape == (2, 1, 6, 6)
-    assert d[:, 0, 0].sum(-1).tolist() == [3, 5]
-    assert (M.causal() & spec).to_dense(6).shape == (2, 1, 6, 6)
-
-
 def test_data_tensors_list_what_allows_reads():
     """What flex's block-mask cache compares (a spec edited in place must not reuse a stale one)."""
     lengths, ids = torch.tensor([3, 4]), torch.tensor([0, 0, 1])
