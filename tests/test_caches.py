@@ -204,3 +204,37 @@ def test_cache_type_errors():
         causal(torch.randn(1, 2, 16, dtype=F64), cache=StaticKV())
     with pytest.raises(TypeError, match="StaticKV"):
         causal(torch.randn(1, 2, 16, dtype=F64), context=torch.randn(1, 3, 16, dtype=F64), cache=KVCache(1, 4, 4, 4, F64))
+
+
+@pytest.mark.parametrize("make", [lambda: KVCache(2, 8, 1, 4, F64), lambda: SlidingWindowCache(2, 3, 1, 4, F64)],
+                         ids=["kv", "window"])
+def test_caches_tag_what_they_return_so_the_nan_rule_needs_no_rescan(make):
+    """The NaN rule (attnkit._nonfinite) scans q, k, v once per call; a decoding step would rescan
+    the whole cache. Caches check each token on write and tag what they return; the tag dies
+    with any in-place edit (the version counter), and a NaN written anywhere is still seen."""
+    import attnkit
+    from attnkit._nonfinite import tensor_stats
+
+    g = torch.Generator().manual_seed(0)
+    cache = make()
+    q = torch.randn(2, 1, 1, 4, generator=g, dtype=F64)
+    k, v, _ = cache.update(torch.randn(2, 1, 2, 4, generator=g, dtype=F64), torch.randn(2, 1, 2, 4, generator=g, dtype=F64))
+    assert k._attnkit_stats[1:] == (True, k.abs().max().item())
+    assert tensor_stats(k)[0] == (True, k.abs().max().item())
+    # a NaN key in a padded slot is harmless; in a real slot it makes the rows that read it NaN
+    bad = torch.randn(2, 1, 1, 4, generator=g, dtype=F64)
+    bad[0, 0, 0, 1] = float("nan")
+    k, v, valid = cache.update(bad, torch.randn(2, 1, 1, 4, generator=g, dtype=F64),
+                               torch.tensor([[False], [True]]))
+    assert k._attnkit_stats[1] is False
+    out = attnkit.attention(q, k, v, mask=M.key_padding_from_bool(~valid))
+    assert torch.isfinite(out).all()
+    k, v, valid = cache.update(bad, torch.randn(2, 1, 1, 4, generator=g, dtype=F64), torch.tensor([[True], [True]]))
+    out = attnkit.attention(q, k, v, mask=M.key_padding_from_bool(~valid))
+    assert out[0].isnan().all() and torch.isfinite(out[1]).all()
+    # a tag never outlives an in-place edit of what it describes
+    cache.reset()
+    k, v, _ = cache.update(torch.randn(2, 1, 2, 4, generator=g, dtype=F64), torch.randn(2, 1, 2, 4, generator=g, dtype=F64))
+    k[1, 0, 0, 0] = float("nan")
+    assert tensor_stats(k)[0][0] is False
+    assert attnkit.attention(q, k, v)[1].isnan().all()

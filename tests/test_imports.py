@@ -101,7 +101,8 @@ def test_the_cycle_finder_finds_cycles():
 
 
 LAYERS = [  # lower layers never import higher ones (docs/index.md, "where things live")
-    {"attnkit._validate", "attnkit._hash", "attnkit._numerics", "attnkit._memory", "attnkit.tolerances"},
+    {"attnkit._validate", "attnkit._hash", "attnkit._numerics", "attnkit._memory", "attnkit.tolerances",
+     "attnkit._nonfinite"},
     {"attnkit.masks", "attnkit.biases", "attnkit.caches"},
     {"attnkit._call", "attnkit.backends", "attnkit.dispatch", "attnkit.functional", "attnkit.positions"},
     {"attnkit.variants"},

@@ -116,7 +116,7 @@ def make_call(q, k, v, *, mask=None, bias=None, scale=None, softcap=None, dropou
         dropout_seed = int(torch.randint(0, 2**31 - 1, ()).item())
     checked_scale = V.check_scale(scale, D)
     finite, max_q, max_k = input_stats(q, k, v)
-    check_score_range(q, max_q, max_k, checked_scale, name_scale=scale is not None)
+    check_score_range(q, max_q, max_k, checked_scale, name_scale=scale is not None, k=k)
     return AttentionCall(
         q=q, k=k, v=v,
         mask=as_mask(mask, **sizes),

@@ -15,8 +15,10 @@ The rule (docs/index.md, "NaN and infinity"):
 
 Kernels cannot follow 1 on their own: a masked key still meets a zero weight in ``p @ v``
 (0 * NaN = NaN), and sdpa's fused kernel turns a NaN query row into zeros. So the dispatch point
-applies the rule around whichever backend runs: finite inputs (one min/max pass over q, k, v,
-which ``make_call`` also uses to check that the scores fit the compute dtype) run as they are.
+applies the rule around whichever backend runs: finite inputs (one min/max pass over q, k, v, which ``make_call``
+also uses to check that the scores fit the compute dtype; keys and values from a decoding cache
+carry the stats the cache took when it wrote them, so a step costs O(new tokens), not a rescan)
+run as they are.
 Otherwise the backend runs on inputs whose non-finite entries are replaced by 0, the rows that
 read one are found from the mask (evaluated only at those rows and those keys, in chunks), and
 NaN is added to their output, so a loss over them is NaN and gradients flow as for any NaN output.
@@ -35,27 +37,60 @@ from ._numerics import compute_dtype, expand_kv
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, float, float]:
-    """(every entry of q, k, v finite, max |q|, max |k| over finite entries): one min/max pass over
-    each tensor and one host sync on the common (finite) path."""
+# Attribute under which a tensor may carry (version, all finite, max |entry|) from whoever wrote it
+# (the decoding caches check each token once, on write): ``input_stats`` trusts it while the
+# tensor's version counter is unchanged, so a decoding step does not rescan the whole cache.
+_STATS = "_attnkit_stats"
+
+
+def remember_stats(t: torch.Tensor, finite: bool, max_abs: float) -> torch.Tensor:
+    """Attach what is known about t's entries (finite must be certain; max_abs an upper bound)."""
+    setattr(t, _STATS, (t._version, bool(finite), float(max_abs)))
+    return t
+
+
+def tensor_stats(*ts: torch.Tensor) -> list[tuple[bool, float]]:
+    """(every entry finite, max |entry| over finite entries) of each tensor: remembered stats where
+    valid, else one min/max pass (one host sync for all of them on the common, finite path)."""
+    known = [getattr(t, _STATS, None) for t in ts]
+    known = [k if k is not None and k[0] == t._version else None for k, t in zip(known, ts)]
+    todo = [t.detach() for t, k in zip(ts, known) if k is None]
     stats = []
-    for t in (q.detach(), k.detach(), v.detach()):
+    for t in todo:
         mn, mx = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
         stats += [mn.to(torch.float64), mx.to(torch.float64)]
-    s = torch.stack(stats).tolist()
-    if all(math.isfinite(x) for x in s):
-        return True, max(abs(s[0]), abs(s[1])), max(abs(s[2]), abs(s[3]))
-    mq, mk = (float(_zeroed(t.detach()).abs().amax()) if t.numel() else 0.0 for t in (q, k))
-    return False, mq, mk
+    vals = torch.stack(stats).tolist() if stats else []
+    out, i = [], 0
+    for t, k in zip(ts, known):
+        if k is not None:
+            out.append((k[1], k[2]))
+            continue
+        mn, mx = vals[2 * i], vals[2 * i + 1]
+        i += 1
+        if math.isfinite(mn) and math.isfinite(mx):
+            out.append((True, max(abs(mn), abs(mx))))
+        else:  # rare: the largest finite magnitude, for the score-range check
+            out.append((False, float(_zeroed(t.detach()).abs().amax()) if t.numel() else 0.0))
+    return out
 
 
-def check_score_range(q: torch.Tensor, max_q: float, max_k: float, scale: float, name_scale: bool) -> None:
+def input_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[bool, float, float]:
+    """(every entry of q, k, v finite, max |q|, max |k| over finite entries)."""
+    (fq, mq), (fk, mk), (fv, _) = tensor_stats(q, k, v)
+    return fq and fk and fv, mq, mk
+
+
+def check_score_range(q: torch.Tensor, max_q: float, max_k: float, scale: float, name_scale: bool,
+                      k: torch.Tensor | None = None) -> None:
     """Raise a ValueError when scale * q.k can overflow the compute dtype (|q.k| <= D max|q| max|k|),
     which would turn the softmax into NaN."""
     D = q.shape[-1]
     ct = compute_dtype(q.dtype)
     bound = D * max_q * max_k * scale
     limit = torch.finfo(ct).max
+    if bound > limit and k is not None:  # remembered magnitudes are upper bounds: measure before raising
+        max_q, max_k = (float(_zeroed(t.detach()).abs().amax()) if t.numel() else 0.0 for t in (q, k))
+        bound = D * max_q * max_k * scale
     if bound > limit:
         what = f"scale={scale:g}" if name_scale else f"the inputs (scale={scale:g})"
         raise ValueError(
@@ -115,4 +150,4 @@ def run(backend, call):
     return res + nan
 
 
-__all__ = ["input_stats", "check_score_range", "poisoned_rows", "run"]
+__all__ = ["input_stats", "tensor_stats", "remember_stats", "check_score_range", "poisoned_rows", "run"]

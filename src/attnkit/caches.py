@@ -21,6 +21,10 @@ order, so the library's bottom-right causal alignment makes a chunk of n new que
 returned keys exactly ``attnkit.attention(q, k, v, mask=causal())``. Buffers hold the cache's
 dtype: keys/values of another floating dtype (e.g. bfloat16 under autocast) are cast on write.
 
+Buffers track whether every key/value written is finite and a bound on their magnitude, and tag
+the tensors they return with it, so ``attnkit.attention`` applies its NaN rule without rescanning
+the whole cache at every step (``attnkit._nonfinite``).
+
 Nothing is silently overwritten: a full ``KVCache`` raises naming max_len. The one documented
 exception is ``SlidingWindowCache``, a ring buffer that keeps only the last ``window`` keys
 (enough for ``sliding_window(left)`` masks with left <= window).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ._nonfinite import remember_stats, tensor_stats
 from ._validate import shape_str
 
 
@@ -100,6 +105,18 @@ class _Buffers(Cache):
         self.batch: int | None = None
         self._padded = False
         self.valid.fill_(True)
+        self._stats = [True, 0.0, True, 0.0]  # k all finite, max |k|, v all finite, max |v| (bounds)
+
+    def _note(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fold the stats of newly written keys/values (in the cache's dtype) into the running ones."""
+        (fk, mk), (fv, mv) = tensor_stats(k, v)
+        s = self._stats
+        self._stats = [s[0] and fk, max(s[1], mk), s[2] and fv, max(s[3], mv)]
+
+    def _vouch(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        """Let ``attnkit.attention`` skip rescanning what this cache returns (see attnkit._nonfinite)."""
+        remember_stats(k_all, self._stats[0], self._stats[1])
+        remember_stats(v_all, self._stats[2], self._stats[3])
 
     @property
     def device(self) -> torch.device:
@@ -135,11 +152,14 @@ class KVCache(_Buffers):
         k, v = k.to(self.dtype), v.to(self.dtype)
         self.k[:B, :, start:end] = k  # (B, Hk, n, D)
         self.v[:B, :, start:end] = v
+        self._note(k, v)
         if valid is not None:
             self.valid[:B, start:end] = valid
             self._padded = self._padded or not bool(valid.all())
         self.batch, self.length = B, end
-        return self.k[:B, :, :end], self.v[:B, :, :end], (self.valid[:B, :end] if self._padded else None)
+        k_all, v_all = self.k[:B, :, :end], self.v[:B, :, :end]  # (B, Hk, L, D), views of the buffers
+        self._vouch(k_all, v_all)
+        return k_all, v_all, (self.valid[:B, :end] if self._padded else None)
 
     def __repr__(self):
         return (f"KVCache(length={self.length}/{self.max_len}, batch={self.batch}/{self.max_batch}, "
@@ -184,9 +204,11 @@ class SlidingWindowCache(_Buffers):
         self.k[:B, :, slots] = k[:, :, n - keep:]
         self.v[:B, :, slots] = v[:, :, n - keep:]
         self.valid[:B, slots] = valid_new[:, n - keep:]
+        self._note(k, v)  # running bounds over everything written (evicted tokens included: still bounds)
         if valid is not None:
             self._padded = self._padded or not bool(valid.all())
         self.batch, self.length = B, self.length + n
+        self._vouch(k_all, v_all)
         return k_all, v_all, (valid_all if self._padded else None)
 
     def __repr__(self):
@@ -287,6 +309,8 @@ class StaticKV(Cache):
 
     def update(self, k, v, valid=None):
         self.k, self.v, self.valid, self.length = k, v, valid, k.shape[2]
+        for t, (finite, max_abs) in zip((k, v), tensor_stats(k, v)):  # checked once, reused every step
+            remember_stats(t, finite, max_abs)
         return k, v, valid
 
     def __repr__(self):
