@@ -238,3 +238,19 @@ def test_caches_tag_what_they_return_so_the_nan_rule_needs_no_rescan(make):
     k[1, 0, 0, 0] = float("nan")
     assert tensor_stats(k)[0][0] is False
     assert attnkit.attention(q, k, v)[1].isnan().all()
+
+
+def test_cache_tags_under_inference_mode():
+    """Inference tensors have no version counter: decoding under torch.inference_mode must work
+    (it raised when tagging), and a NaN written into the cache is still seen on write."""
+    import attnkit
+
+    with torch.inference_mode():
+        cache = KVCache(1, 4, 1, 4, F64)
+        k, v, _ = cache.update(torch.ones(1, 1, 2, 4, dtype=F64), torch.ones(1, 1, 2, 4, dtype=F64))
+        q = torch.ones(1, 1, 1, 4, dtype=F64)
+        assert torch.isfinite(attnkit.attention(q, k, v)).all()
+        bad = torch.ones(1, 1, 1, 4, dtype=F64)
+        bad[0, 0, 0, 2] = float("inf")
+        k, v, _ = cache.update(torch.ones(1, 1, 1, 4, dtype=F64), bad)
+        assert attnkit.attention(q, k, v).isnan().all()

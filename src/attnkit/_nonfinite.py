@@ -43,9 +43,15 @@ _CHUNK_ELEMENTS = 1 << 22
 _STATS = "_attnkit_stats"
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter (bumped by every in-place edit); None for inference-mode tensors, which
+    have none: their stats are trusted as written (a cache returns them straight to attention)."""
+    return None if t.is_inference() else t._version
+
+
 def remember_stats(t: torch.Tensor, finite: bool, max_abs: float) -> torch.Tensor:
     """Attach what is known about t's entries (finite must be certain; max_abs an upper bound)."""
-    setattr(t, _STATS, (t._version, bool(finite), float(max_abs)))
+    setattr(t, _STATS, (_version(t), bool(finite), float(max_abs)))
     return t
 
 
@@ -53,7 +59,7 @@ def tensor_stats(*ts: torch.Tensor) -> list[tuple[bool, float]]:
     """(every entry finite, max |entry| over finite entries) of each tensor: remembered stats where
     valid, else one min/max pass (one host sync for all of them on the common, finite path)."""
     known = [getattr(t, _STATS, None) for t in ts]
-    known = [k if k is not None and k[0] == t._version else None for k, t in zip(known, ts)]
+    known = [k if k is not None and k[0] == _version(t) else None for k, t in zip(known, ts)]
     todo = [t.detach() for t, k in zip(ts, known) if k is None]
     stats = []
     for t in todo:
