@@ -218,7 +218,7 @@ def test_tiles_reject_bad_blocks():
 
 @pytest.mark.parametrize("spec", [
     M.causal(), M.sliding_window(2, 1), M.prefix_lm(2), M.key_padding(torch.tensor([8])),
-    M.document(torch.tensor([0, 0, 1, 1, 1, 1, 2, 2])), M.block_sparse(torch.ones(4, 4, dtype=torch.bool), 2),
+    M.key_padding_from_bool(torch.zeros(1, 8, dtype=torch.bool)), M.document(torch.tensor([0, 0, 1, 1, 1, 1, 2, 2])), M.block_sparse(torch.ones(4, 4, dtype=torch.bool), 2),
     M.global_tokens(torch.tensor([1])), M.bigbird(2, 1, 1, 1), M.causal() & M.key_padding(torch.tensor([5])),
     M.sliding_window(1) | M.strided(3),
 ], ids=repr)
