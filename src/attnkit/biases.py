@@ -25,8 +25,16 @@ class Bias:
 
     dense_tensor: torch.Tensor | None = None  # the tensor of a wrapped float tensor (TensorBias)
 
+    # True when the bias depends only on the head and the offset r = k - q; such specs implement
+    # ``relative(h, r)``, which lets tiled kernels reduce gradients per offset, not per pair.
+    translation_invariant: bool = False
+
     def __call__(self, b, h, q, k) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+    def relative(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The bias at head indices h and offsets r = k - q (broadcast), for translation-invariant specs."""
+        raise TypeError(f"{self!r} is not translation-invariant (translation_invariant is False)")
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Tensors the bias reads that may require grad (for per-tile backward passes)."""

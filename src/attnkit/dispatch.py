@@ -6,8 +6,9 @@ reasons; when nothing fits, the error lists every backend and why. The choice is
 DEBUG level on the ``attnkit`` logger.
 
 Decision table for ``auto`` (first backend in the order whose reasons are empty; "small" means
-B * Hq * Nq * Nk <= 2^20, where materialising a mask for sdpa costs less than the Python tile
-loop; numbers behind each row are in docs/performance.md, measured by ``attnkit bench``):
+B * Hq * Nq * Nk <= 2^20 and Nk <= 4096, where materialising a mask for sdpa costs less than
+planning tiles; a decode step against a long cache is not small: blockwise reads only the keys the
+mask allows; numbers behind each row are in docs/performance.md, measured by ``attnkit bench``):
 
 | call                                                        | CPU order                  | CUDA order                       |
 |-------------------------------------------------------------|----------------------------|----------------------------------|
@@ -47,6 +48,7 @@ class NoBackendError(RuntimeError):
 
 
 SMALL_ELEMENTS = 1 << 20
+SMALL_KEYS = 4096  # above this many keys a call is never "small": skipping keys beats reading them all
 
 
 def _is_plain(call: AttentionCall) -> bool:
@@ -62,7 +64,7 @@ def auto_order(call: AttentionCall) -> list[str]:
         return ["reference"]
     B, Hq, Hk, Nq, Nk, D = call.shape
     cuda = call.q.device.type == "cuda"
-    small = B * Hq * Nq * Nk <= SMALL_ELEMENTS
+    small = B * Hq * Nq * Nk <= SMALL_ELEMENTS and Nk <= SMALL_KEYS  # a decode step on a long cache is not
     if call.softcap is not None or call.dropout_p > 0:
         order = ["flex", "blockwise", "reference"] if cuda else ["blockwise", "reference"]
     elif _is_plain(call):

@@ -33,11 +33,12 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
 @st.composite
 def options(draw) -> BlockwiseOptions:
-    sched = draw(st.sampled_from(["stream", "gather"]))
+    sched = draw(st.sampled_from(["fused", "stream", "gather"]))
     return BlockwiseOptions(
         block_q=draw(st.integers(1, 8)), block_k=draw(st.integers(1, 8)),
         item_elements=draw(st.sampled_from([1, 64, 1 << 20])),
         gather_max_keys=1 << 20 if sched == "gather" else 1, gather_max_waste=1e9,
+        fused=sched == "fused", mask_elements=draw(st.sampled_from([1, 64, 1 << 20])),
     )
 
 
@@ -106,7 +107,8 @@ def test_large_tiles_and_both_schedules_agree():
     q, k, v = make_qkv(shape, seed=3)
     ids = torch.sort(torch.randint(0, 3, (517,), generator=torch.Generator().manual_seed(0))).values
     for mask in (M.causal(), M.sliding_window(100, 20), M.document(ids) & M.causal(), None):
-        for opts in (BlockwiseOptions(), BlockwiseOptions(gather_max_keys=1), BlockwiseOptions(gather_max_waste=100.0)):
+        for opts in (BlockwiseOptions(), BlockwiseOptions(fused=False), BlockwiseOptions(gather_max_keys=1, fused=False),
+                     BlockwiseOptions(gather_max_waste=100.0, fused=False)):
             check(*run_both(q, k, v, opts, mask=mask))
 
 
@@ -171,7 +173,7 @@ def test_no_nq_by_nk_tensor_in_forward_or_backward(mask):
     q, k, v = (torch.randn(1, 1, N, D, requires_grad=True) for _ in range(3))
     table = torch.zeros(1, requires_grad=True)
     bias = Bi.from_function(lambda b, h, i, j: table[0] * (i - j).float(), tensors=[table], name="slope")
-    opts = BlockwiseOptions(block_q=64, block_k=64, item_elements=64 * 256)
+    opts = BlockwiseOptions(block_q=64, block_k=64, item_elements=64 * 256, mask_elements=64 * 256)
     with _MaxNumel() as rec:
         out = blockwise_attention(q, k, v, mask=mask, bias=bias, options=opts)
         out.sum().backward()
@@ -214,7 +216,7 @@ def test_bands_shift_free_and_max_paths(data):
 def test_shift_free_only_when_bounded():
     """The bound |scale| |q| max|k| (or the softcap) decides; bias specs always take the max path."""
     q, k, v = make_qkv(Shape(1, 2, 1, 64, 64, 8, 8), seed=0, requires_grad=False)
-    plan = make_plan(make_call(q, k, v, mask=M.causal()), BlockwiseOptions(block_q=16, block_k=16))
+    plan = make_plan(make_call(q, k, v, mask=M.causal()), BlockwiseOptions(block_q=16, block_k=16, fused=False))
     assert shift_free_blocks(plan.geom, q, k) == [True] * 4
     q2 = q.clone()
     q2[0, 1, 40] *= 100.0  # one huge query row: only its block (rows 32..47) loses the fast path
@@ -235,7 +237,7 @@ def test_gather_with_many_key_tiles(big):
     gathered empty tiles), interior blocks through the cached band pattern, Nq != Nk, GQA."""
     shape = Shape(1, 4, 2, 280, 301, 8, 8)
     q, k, v = make_qkv(shape, seed=7, scale=6.0 if big else 1.0)
-    opts = BlockwiseOptions(block_q=2, block_k=2, item_elements=4096)
+    opts = BlockwiseOptions(block_q=2, block_k=2, item_elements=4096, fused=False)
     mask = M.sliding_window(5, 1)
     plan = make_plan(make_call(q, k, v, mask=mask), opts)
     assert plan.schedule == "gather" and plan.geom.Tk >= 128
@@ -247,17 +249,17 @@ def test_gather_with_many_key_tiles(big):
 
 def test_tiles_empty_are_skipped_and_full_are_unmasked():
     call = make_call(*make_qkv(Shape(1, 1, 1, 256, 256, 4, 4)), mask=M.sliding_window(32))
-    plan = make_plan(call, BlockwiseOptions(block_q=32, block_k=32, gather_max_keys=1))
+    plan = make_plan(call, BlockwiseOptions(block_q=32, block_k=32, gather_max_keys=1, fused=False))
     assert plan.schedule == "stream"
     for t0, _, items in plan.groups:
         spans = [(it.k0, it.k1, it.masked) for it in items]
         # query block t: the diagonal tile and the one before, both partial (one run), nothing else
         want = [(32 * (t0 - 1), 32 * (t0 + 1), True)] if t0 else [(0, 32, True)]
         assert spans == want
-    plan = make_plan(call, BlockwiseOptions(block_q=32, block_k=32))
+    plan = make_plan(call, BlockwiseOptions(block_q=32, block_k=32, fused=False))
     assert plan.schedule == "gather"
     dense_plan = make_plan(make_call(*make_qkv(Shape(1, 1, 1, 256, 256, 4, 4))), BlockwiseOptions(block_k=64, block_q=64,
-                                                                                                    gather_max_keys=1))
+                                                                                                    gather_max_keys=1, fused=False))
     assert all(not it.masked for _, _, items in dense_plan.groups for it in items)
 
 
@@ -316,3 +318,81 @@ def test_block_functions_merge_over_key_blocks_like_the_whole_attention():
     assert_close(grads[0][0] + grads[1][0], gq, backend="blockwise", grad=True)
     assert_close(torch.cat([grads[0][1], grads[1][1]], dim=2), gk, backend="blockwise", grad=True)
     assert_close(torch.cat([grads[0][2], grads[1][2]], dim=2), gv, backend="blockwise", grad=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rows_blocked_by_minus_inf_bias_give_zeros(fused):
+    """A dense bias holding -inf blocks whole rows: zeros and zero gradients, on both engines."""
+    shape = Shape(1, 2, 1, 20, 20, 4, 4)
+    q, k, v = make_qkv(shape, seed=8)
+    bias = torch.zeros(1, 1, 20, 20, dtype=torch.float64)
+    bias[0, 0, 5] = float("-inf")
+    bias[0, 0, 7, :13] = float("-inf")
+    check(*run_both(q, k, v, BlockwiseOptions(block_q=4, block_k=4, fused=fused), bias=bias, mask=M.causal()))
+
+
+@pytest.mark.parametrize("kind", ["mask", "bias", "softcap"])
+def test_double_backward_matches_reference(kind):
+    """create_graph=True (a gradient penalty): the gradient carries a graph and its own gradient
+    equals the reference's double backward (issue 10: never drop the graph silently)."""
+    shape = Shape(2, 4, 2, 11, 13, 4, 4)
+    table = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    spec = Bi.from_function(lambda b, h, i, j: table[h, (i - j).abs() % 3], tensors=[table], name="t")
+    kw = {"mask": dict(mask=M.sliding_window(4, 1)), "bias": dict(bias=spec, mask=M.causal()),
+          "softcap": dict(softcap=2.0, dropout_p=0.2, dropout_seed=5)}[kind]
+    res = []
+    for backend in ("reference", "blockwise"):
+        q, k, v = make_qkv(shape, seed=9)
+        out = attnkit.attention(q, k, v, backend=backend, **kw)
+        inputs = [q, k, v] + ([table] if kind == "bias" else [])
+        grads = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        penalty = sum(g.pow(2).sum() for g in grads)
+        res.append((grads, torch.autograd.grad(penalty, inputs)))
+    for (g_ref, gg_ref), (g, gg) in zip([res[0]], [res[1]]):
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, torch.float64, "blockwise", grad=True)
+        for a, b in zip(gg, gg_ref):
+            assert_close(a, b, torch.float64, "blockwise", grad=True)
+
+
+def test_decode_step_on_a_long_cache_reads_only_allowed_keys():
+    """One query against a 32k-key cache with a window or document mask: auto runs blockwise
+    (no materialised mask, only the allowed keys are read) and matches sdpa with the dense mask."""
+    from attnkit.bench.cases_softmax import _doc_ids
+
+    Nk = 32768
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, Nk, 16, generator=g), torch.randn(1, 2, Nk, 16, generator=g)
+    for mask in (M.sliding_window(256), M.document(_doc_ids(Nk)) & M.causal()):
+        assert attnkit.which_backend(q, k, v, mask=mask) == "blockwise"
+        plan = make_plan(make_call(q, k, v, mask=mask), BlockwiseOptions())
+        assert sum((it.r1 - it.r0) * (it.k1 - it.k0) for it in plan.items) <= 2048  # keys read, not 32k
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask.to_dense(1, Nk))
+        assert_close(attnkit.attention(q, k, v, mask=mask), want, torch.float32, "blockwise")
+
+
+@pytest.mark.parametrize("sched", ["fused", "stream", "gather"])
+@pytest.mark.parametrize("kind", ["t5", "alibi", "alibi_sym", "alibi_fixed", "t5_fixed"])
+def test_translation_invariant_bias_gradients_by_offset(kind, sched):
+    """Learnable T5 table / ALiBi slopes: their gradients come from per-offset sums of dS (the
+    tile backward's OffsetGrad), equal to the reference's autograd, with Nq != Nk, GQA, padding.
+    Fixed ones run the fused engine's strip (one bias tensor per pass) forward and backward."""
+    from attnkit.positions import ALiBi, T5RelativeBias
+
+    shape = Shape(2, 4, 2, 17, 23, 8, 8)
+    q, k, v = make_qkv(shape, seed=10)
+    if kind.startswith("t5"):
+        mod = T5RelativeBias(4, init_std=1.0).double().requires_grad_(kind == "t5")
+        spec, tensors = mod.spec(), [mod.weight] if kind == "t5" else []
+    elif kind == "alibi_fixed":
+        spec, tensors = ALiBi(4), []
+    else:
+        slopes = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        spec, tensors = ALiBi(4, slopes=slopes, symmetric=kind == "alibi_sym"), [slopes]
+    assert spec.translation_invariant
+    opts = BlockwiseOptions(block_q=4, block_k=3, fused=sched == "fused", gather_max_keys=1 << 20 if sched == "gather" else 1,
+                            gather_max_waste=1e9)
+    for mask in (None, M.causal(), M.sliding_window(5, 2)):
+        check(*run_both(q, k, v, opts, grads=tensors, bias=spec, mask=mask))

@@ -76,3 +76,63 @@ def test_cli_options():
     with pytest.raises(ValueError, match="--modes takes fwd and/or bwd, got 'sideways'"):
         cli.config_from_args(p.parse_args(["--modes", "sideways"]))
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("variant", ["causal", "swa256", "docmask", "blocksparse", "causal_biasspec", "float_bias"])
+def test_flex_mods_are_plain_and_equal_the_specs(variant):
+    """The flex peer's mask_mod / score_mod (plain index functions, flex's idiom) compute the same
+    mask and bias as the attnkit specs the other impls get."""
+    from attnkit.bench.cases_softmax import _float_bias, flex_mods
+    from attnkit.bench.registry import BenchShape
+
+    N = 1024
+    mask_mod, score_mod = flex_mods(variant, N)
+    q = torch.arange(N).view(-1, 1)
+    k = torch.arange(N).view(1, -1)
+    zero = torch.zeros((), dtype=torch.int64)
+    mask, bias = specs(variant, N)
+    if mask is not None:
+        assert torch.equal(mask_mod(zero, zero, q, k).expand(N, N), mask.to_dense(N)[0, 0])
+    if variant == "float_bias":
+        want = _float_bias(BenchShape(N=N))[0, 0]
+    elif bias is not None:
+        want = bias.to_dense(N)[0, 0]
+    else:
+        assert score_mod is None
+        return
+    got = score_mod(torch.zeros(N, N), zero, zero, q, k)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_fla_naive_chunk_peer_equals_attnkit_linear():
+    from attnkit.feature_maps import elu_plus_one
+    from attnkit.linear import linear_attention
+
+    from attnkit.bench.cases_linear import fla_naive_chunk
+
+    fn = fla_naive_chunk()
+    if fn is None:
+        pytest.skip("fla-core not installed (peers extra)")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    ours = linear_attention(q, k, v, causal=True)
+    peer = fn(elu_plus_one(q).transpose(1, 2), elu_plus_one(k).transpose(1, 2), v.transpose(1, 2),
+              normalize=True).transpose(1, 2)
+    torch.testing.assert_close(peer, ours, atol=1e-8, rtol=1e-8)
+
+
+def test_rounds_interleave_and_ratios(tmp_path):
+    """--rounds 2 runs every task twice (times of both rounds in one median), and each row gets
+    its ratio to sdpa and to the fastest peer of the same run."""
+    cfg = runner.BenchConfig(sizes=(64,), modes=("fwd",), variants=("causal",), impls=("attnkit.blockwise", "sdpa"),
+                             H=2, D=8, warmup=0, repeats=1, rounds=2, timeout_s=120)
+    results, _ = runner.run(cfg, log=lambda *_: None)
+    assert {r.impl for r in results} == {"attnkit.blockwise", "sdpa"}
+    assert all(r.status == "ok" and len(r.times) == 2 for r in results)
+    rat = report.ratios(results)
+    vs_sdpa, best, vs_best = rat[("softmax", "causal", "fwd", 64, "attnkit.blockwise")]
+    sd = next(r for r in results if r.impl == "sdpa")
+    bw = next(r for r in results if r.impl == "attnkit.blockwise")
+    assert best == "sdpa" and vs_sdpa == pytest.approx(bw.median_s / sd.median_s) == vs_best
+    md = report.markdown(results, None)
+    assert "x sdpa" in md

@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from .. import _nonfinite as nonfinite
 from .._call import AttentionCall, make_call
 from .._numerics import compute_dtype
-from ..masks import EMPTY, PARTIAL, TileMap
+from ..masks import EMPTY, FULL, PARTIAL, TileMap
+from . import blockwise_fused as engine
 from .base import Backend
 from .blockwise_tiles import (
     SHIFT_FREE_BOUND,
     GatherKeys,
     Geometry,
+    OffsetGrad,
     RangeKeys,
     Workspace,
     backward_group,
@@ -60,12 +62,16 @@ from .blockwise_tiles import (
 
 @dataclass(frozen=True)
 class BlockwiseOptions:
-    """Tile sizes and per-item memory budget.
+    """Tile sizes, per-item memory budgets and the engine.
 
-    block_q, block_k: tile sizes (rows of queries, keys). item_elements: score elements
-    (B * Hq * rows * keys) of one work item; a few score-sized float tensors are live at once.
-    gather_max_keys: the gather schedule is used when each query block needs at most this many
-    keys and padding rows to the longest wastes at most ``gather_max_waste`` of the work.
+    block_q, block_k: tile sizes (rows of queries, keys) of the tile map. fused: run the tiles
+    through torch's CPU flash-attention kernel where it can (``blockwise_fused``), else the
+    PyTorch tile math. item_elements: score elements (B * Hq * rows * keys) of one work item of
+    the PyTorch tile math (a few score-sized float tensors are live at once), and the budget of
+    the fused backward's overlapping window gradients. mask_elements: elements of one mask /
+    bias tensor that the fused engine materialises for a rectangle. gather_max_keys: the tile
+    math's gather schedule is used when each query block needs at most this many keys and
+    padding rows to the longest wastes at most ``gather_max_waste`` of the work.
     """
 
     block_q: int = 128
@@ -73,29 +79,41 @@ class BlockwiseOptions:
     item_elements: int = 1 << 20
     gather_max_keys: int = 2048
     gather_max_waste: float = 1.34
+    fused: bool = True
+    mask_elements: int = 1 << 24
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "item_elements", "gather_max_keys"):
+        for name in ("block_q", "block_k", "item_elements", "gather_max_keys", "mask_elements"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"BlockwiseOptions.{name} must be an int > 0, got {v!r}")
         if not self.gather_max_waste >= 1.0:
             raise ValueError(f"BlockwiseOptions.gather_max_waste must be >= 1, got {self.gather_max_waste!r}")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"BlockwiseOptions.fused must be a bool, got {self.fused!r}")
 
 
 @dataclass(frozen=True)
 class Plan:
+    """What one call runs. ``items``: the fused engine's rectangles (None: the tile math runs
+    the forward); ``fused_backward``: the backward runs them too. ``schedule`` / ``groups``: the
+    tile math's work ("stream" or "gather"; None / () when the fused engine does everything)."""
+
     geom: Geometry
-    schedule: str  # "stream" or "gather"
-    groups: tuple  # ((t0, t1, (keys, ...)), ...)
     Dv: int
+    items: tuple | None
+    fused_backward: bool
+    schedule: str | None
+    groups: tuple
+    options: BlockwiseOptions
 
 
-def tile_status(call: AttentionCall, bq: int, bk: int) -> torch.Tensor:
-    """(Tq, Tk) int8 EMPTY/PARTIAL/FULL, reduced over batch and heads; key padding is PARTIAL."""
+def tile_status(call: AttentionCall, bq: int, bk: int, *, pad_partial: bool = True) -> torch.Tensor:
+    """(Tq, Tk) int8 EMPTY/PARTIAL/FULL, reduced over batch and heads; with ``pad_partial`` the
+    last key tile is PARTIAL when it pads keys (the tile math reads whole tiles)."""
     B, Hq, Hk, Nq, Nk, D = call.shape
     return TileMap(call.mask, batch=B, heads=Hq, nq=Nq, nk=Nk, block_q=bq, block_k=bk, device=call.q.device,
-                   pad_keys=True).status
+                   pad_keys=pad_partial).status
 
 
 def _stream_groups(st: torch.Tensor, bk: int, run_tiles: int) -> tuple:
@@ -139,25 +157,52 @@ def _gather_groups(st: torch.Tensor, M: int, chunk: int, bq: int, bk: int, Nq: i
     return tuple(groups)
 
 
-def make_plan(call: AttentionCall, opts: BlockwiseOptions) -> Plan:
+def _tile_schedule(call: AttentionCall, st: torch.Tensor, opts: BlockwiseOptions) -> tuple[str, tuple]:
     B, Hq, Hk, Nq, Nk, D = call.shape
     bq, bk = opts.block_q, opts.block_k
-    st = tile_status(call, bq, bk)
     Tq, Tk = st.shape
-    parts = flatten_bias(call.bias)
-    geom = Geometry(B=B, Hq=Hq, Hk=Hk, G=Hq // Hk, Nq=Nq, Nk=Nk, bq=bq, bk=bk, Tq=Tq, Tk=Tk,
-                    scale=call.scale, softcap=call.softcap, mask=call.mask, bias_parts=parts,
-                    dropout_p=call.dropout_p, dropout_seed=call.dropout_seed,
-                    dtype=compute_dtype(call.q.dtype))
     nnz = (st != EMPTY).sum(dim=1)
     M, total = int(nnz.max()), int(nnz.sum())
     rows = B * Hq * bq
-    gather_ok = (0 < M and M * bk <= opts.gather_max_keys and Tq * M <= opts.gather_max_waste * total)
-    if gather_ok:
+    if 0 < M and M * bk <= opts.gather_max_keys and Tq * M <= opts.gather_max_waste * total:
         chunk = max(1, opts.item_elements // (rows * M * bk))
-        return Plan(geom, "gather", _gather_groups(st, M, chunk, bq, bk, Nq, Nk), call.v.shape[3])
+        return "gather", _gather_groups(st, M, chunk, bq, bk, Nq, Nk)
     run_tiles = max(1, opts.item_elements // (rows * bk))
-    return Plan(geom, "stream", _stream_groups(st, bk, run_tiles), call.v.shape[3])
+    return "stream", _stream_groups(st, bk, run_tiles)
+
+
+def make_plan(call: AttentionCall, opts: BlockwiseOptions, *, backward: bool = True) -> Plan:
+    """The work of ``call``: fused rectangles where the kernel can run it, else tile groups.
+    ``backward``: also plan the backward (the tile math when bias tensors need gradients)."""
+    B, Hq, Hk, Nq, Nk, D = call.shape
+    bq, bk = opts.block_q, opts.block_k
+    parts = flatten_bias(call.bias)
+    geom = Geometry(B=B, Hq=Hq, Hk=Hk, G=Hq // Hk, Nq=Nq, Nk=Nk, bq=bq, bk=bk, Tq=-(-Nq // bq), Tk=-(-Nk // bk),
+                    scale=call.scale, softcap=call.softcap, mask=call.mask, bias_parts=parts,
+                    dropout_p=call.dropout_p, dropout_seed=call.dropout_seed,
+                    dtype=compute_dtype(call.q.dtype))
+    fused = opts.fused and not engine.kernel_reasons(call.q, call.v, call.softcap, call.dropout_p)
+    bias_grads = any(t.requires_grad for p in parts for t in p.tensors())
+    fused_backward = fused and not bias_grads
+    st = None
+    items = None
+    if fused:
+        needs_map = call.mask is not None or parts
+        st = tile_status(call, bq, bk, pad_partial=False) if needs_map else None
+        items = engine.plan_items(geom, st, mask_elements=opts.mask_elements, window_rows=bq)
+    schedule, groups = None, ()
+    if not fused or (backward and not fused_backward):
+        st = tile_status(call, bq, bk) if st is None else _pad_partial(st, Nk, bk)
+        schedule, groups = _tile_schedule(call, st, opts)
+    return Plan(geom, call.v.shape[3], items, fused_backward, schedule, groups, opts)
+
+
+def _pad_partial(st: torch.Tensor, Nk: int, bk: int) -> torch.Tensor:
+    st = st.clone()
+    if Nk % bk:
+        last = st[:, -1]
+        st[:, -1] = torch.where(last == FULL, torch.full_like(last, PARTIAL), last)
+    return st
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +265,11 @@ def shift_free_blocks(g: Geometry, qc: torch.Tensor, kp: torch.Tensor) -> list[b
 
 
 def forward_pass(plan: Plan, q, k, v):
-    """Run the forward of ``plan``: out (B, Hq, Nq, Dv) in the compute dtype and the log-sum-exp
-    in the tile layout (B, Hk, Tq, G*bq) (+inf on rows with no allowed key). No autograd."""
+    """Run the forward of ``plan``: out (B, Hq, Nq, Dv) and the log-sum-exp (B, Hq, Nq), both in
+    the compute dtype (+inf lse and zero output on rows with no allowed key). No autograd."""
     g = plan.geom
+    if plan.items is not None:
+        return engine.forward(g, plan.items, q, k, v)
     qc = q.to(g.dtype)
     kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
     out = torch.empty(g.B, g.Hq, g.Nq, plan.Dv, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, Dv)
@@ -241,16 +288,23 @@ def forward_pass(plan: Plan, q, k, v):
             lse[:, :, t0:t1] = s
         else:  # no key tile at all: zeros (lse stays +inf)
             out[:, :, t0 * g.bq:t1 * g.bq] = 0
-    return out, lse
+    return out, lse_to_rows(lse, g)
 
 
 def backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad: bool = True):
     """Gradients of ``plan``'s attention given the (possibly global, e.g. merged over a ring)
-    output ``out`` (B, Hq, Nq, Dv) and log-sum-exp ``lse`` in tile layout (B, Hk, Tq, G*bq).
+    output ``out`` (B, Hq, Nq, Dv) and log-sum-exp ``lse`` (B, Hq, Nq).
 
     Returns (dq, dk, dv) in the compute dtype and the bias tensors' gradients as a flat list in
     ``bias.tensors()`` order (None where a tensor needs none). No autograd."""
     g = plan.geom
+    if plan.fused_backward:
+        dq, dk, dv = engine.backward(g, plan.items, q, k, v, out, lse, dout,
+                                     item_elements=plan.options.item_elements)
+        return dq, dk, dv, [None for p in g.bias_parts for _ in p.tensors()]
+    if not plan.groups and plan.schedule is None:
+        raise RuntimeError("this blockwise plan was made without a backward (make_plan(backward=False))")
+    lse = lse_to_tiles(lse.to(g.dtype), g)
     qc, doc = q.to(g.dtype), dout.to(g.dtype)
     kp, vp = pad_kv(k.to(g.dtype), g), pad_kv(v.to(g.dtype), g)
     dq = torch.zeros(q.shape, dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
@@ -271,8 +325,13 @@ def backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad: bool = T
                 put_rows(dq, dqt.mul_(g.scale), g, t0, t1)
     flat = []
     for i, part in enumerate(g.bias_parts):
+        grads = bias_grads.get(i)
+        if grads and isinstance(grads[-1], OffsetGrad):  # per-offset sums of a translation-invariant bias
+            for slot, got in enumerate(grads.pop().finish(part)):
+                if got is not None:
+                    grads[slot].add_(got)
         for j, t in enumerate(part.tensors()):
-            flat.append(bias_grads[i][j].to(t.dtype) if i in bias_grads and t.requires_grad else None)
+            flat.append(grads[j].to(t.dtype) if grads is not None and t.requires_grad else None)
     return dq, dkp[:, :, :g.Nk], dvp[:, :, :g.Nk], flat
 
 
@@ -291,24 +350,43 @@ def lse_to_tiles(lse: torch.Tensor, g: Geometry) -> torch.Tensor:
 
 
 class _Blockwise(torch.autograd.Function):
-    """Saves q, k, v (inputs), the output and the log-sum-exp; everything else is recomputed."""
+    """Saves q, k, v (inputs), the output and the log-sum-exp; everything else is recomputed.
+
+    Double backward (``create_graph=True``, e.g. a gradient penalty): the backward then
+    recomputes the attention with the reference backend's differentiable ops and returns
+    gradients that carry a graph, so second-order terms are exact (at the reference's
+    O(B * Hq * Nq * Nk) memory for that step)."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, q, k, v, *bias_tensors):
+    def forward(ctx, plan: Plan, call: AttentionCall, q, k, v, *bias_tensors):
         out, lse = forward_pass(plan, q, k, v)
-        ctx.plan = plan
+        ctx.plan, ctx.call = plan, call
         result = out.to(q.dtype)
         # Save the returned tensor when it has the compute dtype (autograd then guards it against
-        # in-place edits), else the float32 output; never both.
+        # in-place edits), else the compute-dtype output; never both.
         ctx.saved_result = result is out
-        ctx.save_for_backward(q, k, v, result if ctx.saved_result else out, lse)
+        ctx.save_for_backward(q, k, v, result if ctx.saved_result else out, lse, *bias_tensors)
         return result
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *bias_tensors = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recompute
+            return (None, None, *_double_backward(ctx.call, q, k, v, bias_tensors, dout))
         dq, dk, dv, flat = backward_pass(ctx.plan, q, k, v, out, lse, dout)
-        return (None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *flat)
+        return (None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *flat[:len(bias_tensors)])
+
+
+def _double_backward(call: AttentionCall, q, k, v, bias_tensors, dout):
+    from dataclasses import replace
+
+    from .reference import ReferenceBackend
+
+    out = ReferenceBackend().run(replace(call, q=q, k=k, v=v))
+    inputs = [q, k, v, *bias_tensors]
+    wanted = [t for t in inputs if t.requires_grad]
+    got = iter(torch.autograd.grad(out, wanted, dout, create_graph=True, allow_unused=True))
+    return [next(got) if t.requires_grad else None for t in inputs]
 
 
 def _bias_tensor_list(parts) -> list[torch.Tensor]:
@@ -331,9 +409,9 @@ def blockwise_attention(q, k, v, *, mask=None, bias=None, scale=None, softcap=No
     return nonfinite.run(backend, call)  # the NaN/inf rule of attnkit.attention (attnkit._nonfinite)
 
 
-def _block_plan(q, k, v, mask, bias, scale, softcap, options):
+def _block_plan(q, k, v, mask, bias, scale, softcap, options, backward):
     call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap)
-    return make_plan(call, options or BlockwiseOptions())
+    return make_plan(call, options or BlockwiseOptions(), backward=backward)
 
 
 def block_forward(q, k, v, *, mask=None, bias=None, scale=None, softcap=None,
@@ -346,10 +424,10 @@ def block_forward(q, k, v, *, mask=None, bias=None, scale=None, softcap=None,
     lse = logaddexp(lse1, lse2), out = out1 exp(lse1 - lse) + out2 exp(lse2 - lse).
     No dropout (its hash is indexed by local positions). No autograd: see ``block_backward``.
     """
-    plan = _block_plan(q, k, v, mask, bias, scale, softcap, options)
+    plan = _block_plan(q, k, v, mask, bias, scale, softcap, options, backward=False)
     with torch.no_grad():
         out, lse = forward_pass(plan, q, k, v)
-    return out.to(q.dtype), lse_to_rows(lse, plan.geom)
+    return out.to(q.dtype), lse
 
 
 def block_backward(q, k, v, out, lse, dout, *, mask=None, bias=None, scale=None, softcap=None,
@@ -362,8 +440,9 @@ def block_backward(q, k, v, out, lse, dout, *, mask=None, bias=None, scale=None,
     Summing a query's dq over all its key blocks (and a key's dk, dv over all query blocks)
     gives the gradients of the whole attention.
     """
-    plan = _block_plan(q, k, v, mask, bias, scale, softcap, options)
-    return backward_pass(plan, q, k, v, out, lse_to_tiles(lse.to(plan.geom.dtype), plan.geom), dout)
+    plan = _block_plan(q, k, v, mask, bias, scale, softcap, options, backward=True)
+    with torch.no_grad():
+        return backward_pass(plan, q, k, v, out, lse.to(plan.geom.dtype), dout)
 
 
 class BlockwiseBackend(Backend):
@@ -382,9 +461,14 @@ class BlockwiseBackend(Backend):
         return reasons
 
     def run(self, call: AttentionCall):
-        plan = make_plan(call, self.options)
-        tensors = _bias_tensor_list(plan.geom.bias_parts)
-        if not call.needs_grad:
+        grad = call.needs_grad
+        plan = make_plan(call, self.options, backward=grad)
+        if not grad:
             with torch.no_grad():
-                return _Blockwise.apply(plan, call.q, call.k, call.v)
-        return _Blockwise.apply(plan, call.q, call.k, call.v, *tensors)
+                out, _ = forward_pass(plan, call.q, call.k, call.v)
+            return out.to(call.q.dtype)
+        tensors = _bias_tensor_list(plan.geom.bias_parts)
+        from dataclasses import replace
+
+        bare = replace(call, q=None, k=None, v=None)  # the tensors are saved by autograd
+        return _Blockwise.apply(plan, bare, call.q, call.k, call.v, *tensors)

@@ -203,7 +203,8 @@ def scores(g: Geometry, qt, ktT, pos, kvalid, masked: bool, *, bias_grad: bool =
     sv = s.view(B, Hk, C, g.G, g.bq, L)  # (B, Hk, C, G, bq, L)
     values = []
     for part in g.bias_parts:
-        wants = bias_grad and any(t.requires_grad for t in part.tensors()) and part.dense_tensor is None
+        wants = (bias_grad and any(t.requires_grad for t in part.tensors()) and part.dense_tensor is None
+                 and not part.translation_invariant)
         with torch.set_grad_enabled(wants):
             val = part(*pos)
         values.append(val)
@@ -384,7 +385,7 @@ def backward_group(g: Geometry, qt, kp, vp, dot, lse, delta, t0, t1, items, dkp,
             dv_t = torch.matmul(p.transpose(-1, -2), dot)  # (B, Hk, C, L, Dv)
         ds = dp.sub_(delta.unsqueeze(-1)).mul_(p)  # dL/d(score after softcap, incl. bias)
         if want_bias:
-            _bias_backward(g, ds, pos, values, bias_grads)
+            _bias_backward(g, ds, pos, values, bias_grads, keys, t0)
         if th is not None:
             ds.mul_(1.0 - th * th)
         dq.add_(torch.matmul(ds, ktT.transpose(-1, -2)))
@@ -405,7 +406,7 @@ def _scatter_kv(g: Geometry, keys, dkp, dvp, dk_t, dv_t):
     dvp.view(B, Hk, g.Tk, g.bk, -1).index_add_(2, flat, dv_t.reshape(B, Hk, n, g.bk, -1))
 
 
-def _bias_backward(g: Geometry, ds, pos, values, bias_grads):
+def _bias_backward(g: Geometry, ds, pos, values, bias_grads, keys, t0):
     B, Hk, C, R, L = ds.shape
     ds6 = ds.view(B, Hk, C, g.G, g.bq, L)  # (B, Hk, C, G, bq, L)
     for i, part in enumerate(g.bias_parts):
@@ -415,6 +416,13 @@ def _bias_backward(g: Geometry, ds, pos, values, bias_grads):
         if part.dense_tensor is not None:
             idx = _tensor_bias_index(part, *pos)
             grads[0].index_put_(idx, ds6.to(grads[0].dtype), accumulate=True)
+            continue
+        if part.translation_invariant:  # dL/d(bias at offset r): sums of dS along diagonals
+            acc = grads[-1] if isinstance(grads[-1], OffsetGrad) else None
+            if acc is None:
+                acc = OffsetGrad(g, ds.dtype, ds.device)
+                grads.append(acc)
+            acc.add(ds6, keys, t0)
             continue
         val = values[i]
         if not val.requires_grad:
@@ -427,3 +435,48 @@ def _bias_backward(g: Geometry, ds, pos, values, bias_grads):
                 if got[j] is not None:
                     grads[slot].add_(got[j])
                 j += 1
+
+
+class OffsetGrad:
+    """Gradient of a translation-invariant bias per (query head, offset r = k - q).
+
+    Each (bq, bk) tile of dS is sheared so that its diagonals become columns (a strided copy into
+    a (bq, bq + bk) buffer) and summed over rows: bq + bk - 1 sums per tile, added at the tile's
+    offset. ``finish(part)`` turns them into the spec's tensor gradients by one autograd call on
+    ``part.relative`` over all offsets (no per-pair scatter)."""
+
+    def __init__(self, g: Geometry, dtype, device):
+        self.g = g
+        self.shift = g.Tq * g.bq + g.Nk + 1  # index of offset 0
+        self.acc = torch.zeros(g.Hq, self.shift + g.Tk * g.bk + g.bk + 1, dtype=dtype, device=device)
+
+    def add(self, ds6: torch.Tensor, keys, t0: int) -> None:
+        g = self.g
+        B, Hk, C, G, bq, L = ds6.shape
+        bk = g.bk
+        M = L // bk
+        x = ds6.sum(dim=0).view(Hk, C, G, bq, M, bk).permute(0, 2, 1, 4, 3, 5)  # (Hk, G, C, M, bq, bk)
+        W = bq + bk
+        z = torch.zeros(Hk, G, C, M, bq, W, dtype=ds6.dtype, device=ds6.device)
+        # z[..., r, c + bq - 1 - r] = x[..., r, c]: row stride W - 1 shears diagonals into columns
+        torch.as_strided(z, x.shape, (*z.stride()[:4], W - 1, 1), bq - 1).copy_(x)
+        sums = z.sum(dim=-2).reshape(g.Hq, C, M, W)  # column u: offset (kbase - qbase) + u - (bq - 1)
+        dev = ds6.device
+        if isinstance(keys, RangeKeys):
+            kbase = (keys.k0 + torch.arange(M, device=dev) * bk).view(1, M)
+        else:
+            kbase = keys.idx * bk  # (C, M)
+        qbase = ((t0 + torch.arange(C, device=dev)) * g.bq + (g.Nk - g.Nq)).view(C, 1)
+        index = (kbase - qbase - (bq - 1) + self.shift).unsqueeze(-1) + torch.arange(W, device=dev)  # (C|1, M, W)
+        index = index.expand(C, M, W).reshape(-1)
+        self.acc.index_add_(1, index, sums.reshape(g.Hq, -1))
+
+    def finish(self, part) -> list:
+        """Gradients of part.tensors() (None where unused)."""
+        ts = part.tensors()
+        wanted = [t for t in ts if t.requires_grad]
+        r = torch.arange(self.acc.shape[1], device=self.acc.device) - self.shift
+        with torch.enable_grad():
+            val = part.relative(torch.arange(self.g.Hq, device=r.device).view(-1, 1), r.view(1, -1))
+            got = iter(torch.autograd.grad(val, wanted, self.acc.to(val.dtype), allow_unused=True))
+        return [next(got) if t.requires_grad else None for t in ts]

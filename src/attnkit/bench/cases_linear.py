@@ -1,5 +1,7 @@
-"""Bench cases, family "longrange": additive, linear (elu+1) and Performer FAVOR+, and the peer
-performer-pytorch on the same shapes.
+"""Bench cases, family "longrange": additive, linear (elu+1) and Performer FAVOR+, and the peers
+performer-pytorch and flash-linear-attention's pure-PyTorch chunked form (``fla.naive_chunk``:
+``naive_chunk_linear_attn`` from fla-core, loaded from its file because ``fla.ops`` imports Triton)
+on the same shapes and the same elu+1 features.
 
 Legend: B batch, H heads, N sequence length, D head dim (from BenchShape), A = D attention dim
 of additive attention, m = 256 random features. Inputs are built in make(), outside the timed step.
@@ -68,6 +70,44 @@ def _make_peer_performer(causal: bool):
     return make
 
 
+def fla_naive_chunk():
+    """fla-core's ``naive_chunk_linear_attn`` (pure PyTorch, 64-token chunks), or None when fla-core
+    is not installed. Loaded from its file: importing ``fla.ops`` needs Triton, this file does not."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "ops", "linear_attn", "naive.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("attnkit_bench_fla_naive", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.naive_chunk_linear_attn
+
+
+def _fla_available(shape: BenchShape, mode: str) -> str | None:
+    if fla_naive_chunk() is None:
+        return "not installed (pip install fla-core)"
+    return None if shape.N % 64 == 0 else "fla's naive chunked form needs N % 64 == 0"
+
+
+def _make_fla_linear(shape: BenchShape, mode: str):
+    """Causal elu+1 linear attention through fla's chunked form: the same features as attnkit's
+    default (elu(x) + 1, computed in the step), normalize=True; its layout is (B, T, H, D)."""
+    from ..feature_maps import elu_plus_one
+
+    fn = fla_naive_chunk()
+    q, k, v = random_qkv(shape, mode == "bwd")
+
+    def run():
+        pq, pk = (elu_plus_one(x).transpose(1, 2) for x in (q, k))  # (B, N, H, D)
+        return fn(pq, pk, v.transpose(1, 2), normalize=True).transpose(1, 2)  # (B, H, N, D)
+    return make_step(run, [q, k, v], mode)
+
+
 def _flops_linear(F: int, causal: bool, projection: bool, chunk: int = 64):
     """Matmul FLOPs: 4 N F Dv (k^T v, q S) + 2 N F (normaliser); causal adds 2 N C (F + Dv) inside
     chunks; Performer adds 4 N D F for W q and W k. Backward counted as twice the forward."""
@@ -86,6 +126,8 @@ def _flops_additive(s: BenchShape, mode: str) -> float:
 CASES = [
     register(BenchCase(FAMILY, "additive", "attnkit.additive", _make_additive, flops=_flops_additive)),
     register(BenchCase(FAMILY, "linear_causal", "attnkit.linear", _make_linear(True),
+                       flops=_flops_linear(64, True, False))),
+    register(BenchCase(FAMILY, "linear_causal", "fla.naive_chunk", _make_fla_linear, available=_fla_available,
                        flops=_flops_linear(64, True, False))),
     register(BenchCase(FAMILY, "linear_noncausal", "attnkit.linear", _make_linear(False),
                        flops=_flops_linear(64, False, False))),

@@ -13,9 +13,10 @@ Variants (what is computed; the same mask/bias for every impl):
 Impls: attnkit.auto / attnkit.blockwise / attnkit.reference (``attnkit.attention`` with that
 backend), sdpa (torch's F.scaled_dot_product_attention: is_causal for causal, otherwise the
 equivalent dense bool mask / float bias, built outside the timed step), flex (torch's
-create_block_mask(_compile=True) + torch.compile(flex_attention), mask_mod and score_mod from the
-same specs; the first call's compile is reported separately as "first call"), local-attention
-(lucidrains' LocalAttention, exact 256-key causal window) for swa256.
+create_block_mask(_compile=True) + torch.compile(flex_attention) with plain mask_mod / score_mod
+functions on index tensors, as flex's docs write them (``flex_mods``); the first call's compile is
+reported separately as "first call"), local-attention (lucidrains' LocalAttention, exact 256-key
+causal window) for swa256.
 
 Modes: "fwd" = forward under no_grad; "bwd" = forward + backward of out.sum().
 Useful FLOPs: 4 * B * H * D * (allowed pairs) forward; 3.5x that for forward + backward.
@@ -172,23 +173,47 @@ def _flex_available(shape: BenchShape, mode: str):
     return None
 
 
+def flex_mods(variant: str, N: int, dtype=torch.float32):
+    """(mask_mod or None, score_mod or None) written the way flex's docs do: plain functions of
+    the index tensors (b, h, q_idx, kv_idx), reading only plain tensors (document ids, the block
+    layout, the bias matrix), never attnkit's specs."""
+    mask_mod = score_mod = None
+    if variant in ("causal", "causal_biasspec"):
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+    elif variant == "swa256":
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx <= 256)
+    elif variant == "docmask":
+        doc = _doc_ids(N)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+    elif variant == "blocksparse":
+        layout = _layout(N)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return layout[q_idx // 128, kv_idx // 128]
+    if variant == "causal_biasspec":
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - 0.01 * (q_idx - kv_idx)
+    elif variant == "float_bias":
+        t = _float_bias(BenchShape(N=N, dtype=dtype))[0, 0]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + t[q_idx, kv_idx]
+    return mask_mod, score_mod
+
+
 def _make_flex(variant: str):
     def make(shape: BenchShape, mode: str):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         q, k, v = random_qkv(shape, mode == "bwd")
-        mask, bias = specs(variant, shape.N)
+        mask_mod, score_mod = flex_mods(variant, shape.N, shape.dtype)
         block_mask = None
-        if mask is not None:
-            def mask_mod(b, h, qi, ki):
-                return mask.allows(b, h, qi, ki)
+        if mask_mod is not None:
             block_mask = create_block_mask(mask_mod, None, None, shape.N, shape.N, device=q.device, _compile=True)
-        score_mod = None
-        if variant == "float_bias":
-            t = _float_bias(shape)[0, 0]
-            score_mod = lambda s, b, h, qi, ki: s + t[qi, ki]
-        elif bias is not None:
-            score_mod = lambda s, b, h, qi, ki: s + bias(b, h, qi, ki).to(s.dtype)
         fn = torch.compile(flex_attention, dynamic=False)
         return make_step(lambda: fn(q, k, v, score_mod=score_mod, block_mask=block_mask), (q, k, v), mode)
     return make

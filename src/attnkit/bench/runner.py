@@ -67,6 +67,7 @@ class BenchConfig:
     max_rss_gib: float = 10.0
     per_process: str = "task"  # "task": one process per (case, N, mode); "case": one per case; "all": one
     device: str = "cpu"
+    rounds: int = 1  # repeat the whole sweep, interleaved (round 1 of every task, then round 2, ...)
 
 
 @dataclass
@@ -193,30 +194,50 @@ def run(cfg: BenchConfig, log=print, on_result=None) -> tuple[list[Result], floa
             results.append(res)
             on_result(res)
         keys = []
-    for key in keys:
-        for mode in cfg.modes:
-            tasks = [dict(base, case=key, mode=mode,
-                          shape=dict(B=cfg.B, H=cfg.H, N=n, D=cfg.D, dtype=cfg.dtype)) for n in cfg.sizes]
-            failed_at = None
-            if cfg.per_process == "case":
-                raw = _spawn(tasks, cfg, log)
-            else:
-                raw = []
-                for t in tasks:
-                    if failed_at is not None:
-                        raw.append(dict(t, status="fail", reason=f"skipped: failed at N={failed_at}", times=[]))
-                        continue
-                    r = _spawn([t], cfg, log)[0]
-                    raw.append(r)
-                    if r["status"] == "fail":
-                        failed_at = t["shape"]["N"]
-            for r in raw:
-                res = _summarise(r, matmul)
-                results.append(res)
-                on_result(res)
+    merged: dict = {}  # (case, mode, N) -> raw result with the times of every round
+    failed_at: dict = {}
+    for rnd in range(max(1, cfg.rounds)):
+        if cfg.rounds > 1:
+            log(f"round {rnd + 1} of {cfg.rounds}")
+        for key in keys:
+            for mode in cfg.modes:
+                tasks = [dict(base, case=key, mode=mode,
+                              shape=dict(B=cfg.B, H=cfg.H, N=n, D=cfg.D, dtype=cfg.dtype)) for n in cfg.sizes]
+                if cfg.per_process == "case":
+                    raw = _spawn(tasks, cfg, log)
+                else:
+                    raw = []
+                    for t in tasks:
+                        if (key, mode) in failed_at:
+                            raw.append(dict(t, status="fail", reason=f"skipped: failed at N={failed_at[key, mode]}",
+                                            times=[]))
+                            continue
+                        r = _spawn([t], cfg, log)[0]
+                        raw.append(r)
+                        if r["status"] == "fail":
+                            failed_at[key, mode] = t["shape"]["N"]
+                for r in raw:
+                    _fold(merged, r)
+                    on_result(_summarise(r, matmul))
+    results += [_summarise(r, matmul) for r in merged.values()]
     for name, err in IMPORT_ERRORS.items():
         log(f"could not import {name}: {err}")
     return results, matmul
+
+
+def _fold(merged: dict, r: dict) -> None:
+    """Add one round's raw result: times accumulate; first call and peak memory keep the max."""
+    key = (r["case"], r["mode"], r["shape"]["N"])
+    old = merged.get(key)
+    if old is None or old["status"] != "ok":
+        merged[key] = dict(r, times=list(r.get("times") or []))
+        return
+    if r["status"] != "ok":
+        return
+    old["times"] += list(r.get("times") or [])
+    for name in ("first_s", "peak_rss_mib", "alloc_peak_mib"):
+        if r.get(name) is not None:
+            old[name] = max(old.get(name) or 0.0, r[name])
 
 
 def _line(r: Result) -> str:

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=_csv(int), default=None, help=f"sequence lengths (default {','.join(map(str, DEFAULT_SIZES))})")
     p.add_argument("--modes", type=_csv(str), default=("fwd", "bwd"), help="fwd, bwd (= forward + backward)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per task, >= 1 (default 3; --quick 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole sweep this many times, interleaved (medians over all rounds' repeats), >= 1")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first, >= 0 (default 1; the first is reported separately)")
     p.add_argument("--batch", type=int, default=1, help="B, >= 1")
     p.add_argument("--heads", type=int, default=8, help="H, >= 1")
@@ -80,6 +82,7 @@ def config_from_args(args):
     for option, value in (("--repeats", repeats), ("--batch", args.batch), ("--heads", args.heads),
                           ("--head-dim", args.head_dim), ("--threads", args.threads)):
         _at_least(option, value, 1)
+    _at_least("--rounds", args.rounds, 1)
     _at_least("--warmup", warmup, 0)
     _positive("--timeout", args.timeout)
     _positive("--max-rss-gib", args.max_rss_gib)
@@ -92,7 +95,7 @@ def config_from_args(args):
         sizes=tuple(sizes), modes=tuple(args.modes), families=args.families, variants=args.variants, impls=impls,
         B=args.batch, H=args.heads, D=args.head_dim, dtype=args.dtype, warmup=warmup, repeats=repeats,
         threads=args.threads, timeout_s=args.timeout, max_rss_gib=args.max_rss_gib,
-        per_process="all" if args.quick else "task",
+        per_process="all" if args.quick else "task", rounds=args.rounds,
     )
 
 
@@ -112,7 +115,7 @@ def run(args) -> int:
     if not keys:
         raise ValueError("no case matches the filters (use --list to see the cases)")
     os.makedirs(args.out, exist_ok=True)  # fails now, not after the run, if it cannot be made
-    total = len(keys) * len(cfg.sizes) * len(cfg.modes)
+    total = len(keys) * len(cfg.sizes) * len(cfg.modes) * cfg.rounds
     print(f"attnkit bench: {len(keys)} cases x {len(cfg.sizes)} sizes x {len(cfg.modes)} modes = {total} tasks, "
           f"B={cfg.B} H={cfg.H} D={cfg.D} {cfg.dtype}, {cfg.threads} threads; progress on stderr", flush=True)
     done = 0
@@ -126,7 +129,8 @@ def run(args) -> int:
     results, matmul = runner.run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True), on_result=progress)
     memory = cfg.per_process != "all"  # one process for everything: its peak RSS is cumulative
     header = (f"attnkit bench, B={cfg.B} H={cfg.H} D={cfg.D} {cfg.dtype}, {cfg.threads} threads, "
-              f"{cfg.repeats} repeats after {cfg.warmup} warm-up, {PROCESS_NOTE[cfg.per_process]}")
+              f"{cfg.repeats} repeats after {cfg.warmup} warm-up, {PROCESS_NOTE[cfg.per_process]}"
+              + (f", {cfg.rounds} interleaved rounds" if cfg.rounds > 1 else ""))
     md = report.markdown(results, matmul, header, memory=memory)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(md)

@@ -87,6 +87,14 @@ class ALiBi(Bias):
             return slopes[h] * torch.minimum(kf - qf, qf - kf)  # -|q - k| (x - x = +0.0: no -0.0)
         return slopes[h] * (kf - qf)  # -slope * (q - k), +0.0 on the diagonal
 
+    translation_invariant = True
+
+    def relative(self, h, r) -> torch.Tensor:
+        """-slope[h] * distance for offsets r = k - q (what ``__call__`` gives for q, k with k - q = r)."""
+        slopes = self.slopes.to(h.device)
+        rf = r.to(slopes.dtype)
+        return slopes[h] * (torch.minimum(rf, -rf) if self.symmetric else rf)
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.slopes,) if self.slopes.requires_grad else ()
 

@@ -130,6 +130,14 @@ class T5Bias(Bias):
         idx = ((k + c) - q).clamp_(0, 2 * c)  # r = k - q, shifted to [0, 2c] (k + c is small)
         return per_offset[idx, h]  # broadcast of (q, k) and h shapes
 
+    translation_invariant = True
+
+    def relative(self, h, r) -> torch.Tensor:
+        """table[bucket(r), h] for offsets r = k - q (what ``__call__`` gives for k - q = r)."""
+        lut, c = self._lut(r.device)
+        table = self.table if self.table.device == r.device else self.table.to(r.device)
+        return table[lut[(r + c).clamp(0, 2 * c)], h]
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.table,)
 

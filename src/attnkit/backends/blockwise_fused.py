@@ -1,0 +1,453 @@
+"""Fused tile body of the blockwise backend: torch's CPU flash-attention kernel on rectangles.
+
+Legend: B batch, Hq query heads, Hk key/value heads (G = Hq // Hk), Nq queries, Nk keys, D head
+dim (= Dv here), R rows of a rectangle, L its keys, bw rows of one window block, nb blocks.
+
+The blockwise planner decides *which* (query, key) rectangles hold allowed pairs; this module
+runs each rectangle through ``aten::_scaled_dot_product_flash_attention_for_cpu`` (the kernel
+behind ``F.scaled_dot_product_attention`` on CPU, which returns the log-sum-exp) and its
+backward (which takes an external output and log-sum-exp, FlashAttention-2 style), and merges
+the rectangles of a query row by log-sum-exp. The kernel does the matmuls, the softmax and the
+masking per cache-sized block in C++: no Python per tile, no score tensor in memory.
+
+Work items:
+- ``Rect(r0, r1, k0, k1, causal, masked)``: query rows r0..r1-1 against keys k0..k1-1. ``causal``
+  uses the kernel's top-left causal flag (a square on the mask's diagonal: no mask tensor);
+  ``masked`` evaluates the mask spec on the rectangle as a float 0 / -inf tensor. Bias specs
+  are evaluated on the rectangle and added to that tensor.
+- ``Windows(t0, t1, bw, lo, hi)``: a band mask (keys k - q in [lo, hi]) on regular query blocks
+  t0..t1-1 of bw rows: block t reads the L = bw + hi - lo keys from t * bw + (Nk - Nq) + lo, an
+  overlapping strided view of K and V (no copy), all blocks in one kernel call with one cached
+  (G*bw, L) pattern. The computed keys per query are L instead of the 1.5 * 128-ish of 128-key
+  tiles; rows at the sequence ends are ``Rect`` items.
+
+Used when the call runs on CPU with no softcap, no dropout and equal q / v head dims, in the
+compute dtype (float32 for half inputs); the backward also needs no gradient for bias tensors.
+Everything else runs the PyTorch tile math of ``blockwise_tiles``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import EMPTY, FULL, Band
+
+NEG_INF = float("-inf")
+_OPS = torch.ops.aten
+_FWD = getattr(_OPS, "_scaled_dot_product_flash_attention_for_cpu", None)
+_BWD = getattr(_OPS, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def kernel_reasons(q, v, softcap, dropout_p) -> list[str]:
+    """Why the fused kernel cannot run a call (empty: it can)."""
+    reasons = []
+    if _FWD is None or _BWD is None:
+        reasons.append("this torch has no CPU flash-attention kernel")
+    if q.device.type != "cpu":
+        reasons.append(f"the fused tile body is CPU only (q on {q.device})")
+    if softcap is not None:
+        reasons.append("softcap")
+    if dropout_p > 0:
+        reasons.append("dropout")
+    if q.shape[-1] != v.shape[-1]:
+        reasons.append(f"q head dim {q.shape[-1]} != v head dim {v.shape[-1]}")
+    return reasons
+
+
+@dataclass(frozen=True)
+class Rect:
+    r0: int
+    r1: int
+    k0: int
+    k1: int
+    causal: bool = False  # top-left causal on the rectangle (kernel flag)
+    masked: tuple = ()  # key ranges (a, b) where the mask spec must be evaluated (its PARTIAL tiles)
+    all_partial: bool = False  # no FULL tile: a row may have no allowed key here
+    strip: bool = False  # the mask is a view of the call's Strip (bias + band pattern)
+
+
+@dataclass(frozen=True)
+class Strip:
+    """Translation-invariant biases (``Bias.relative``) under a band mask (or none): one tensor
+    S (1, Hq, rows, width) with S[h, r, u] = bias(h, d) (-inf outside the band), d = u - r - u0,
+    is evaluated once per pass; the mask of a strip Rect of <= rows rows starting at query
+    position q0 over keys k0.. is the view S[:, :, :R, k0 - q0 + u0:][..., :L]: no per-item work."""
+
+    rows: int
+    u0: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Windows:
+    t0: int
+    t1: int
+    bw: int
+    lo: int
+    hi: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_items(g, st: torch.Tensor | None, *, mask_elements: int, window_rows: int) -> tuple:
+    """Work items for geometry ``g`` (``blockwise_tiles.Geometry``).
+
+    st: (Tq, Tk) tile status at (g.bq, g.bk) without key-padding marks (None: not needed).
+    Plain band masks without bias get closed forms (causal-like: two rectangles; finite bands:
+    windows); everything else follows the tile map, one rectangle per run of equal status.
+    """
+    Nq, Nk, off = g.Nq, g.Nk, g.Nk - g.Nq
+    m = g.mask
+    if g.bias_parts and all(p.translation_invariant for p in g.bias_parts) and (m is None or type(m) is Band):
+        items = _strip_items(g, m, mask_elements)
+        if items is not None:
+            return items
+    if not g.bias_parts:
+        if m is None:
+            return (Rect(0, Nq, 0, Nk),)
+        if type(m) is Band:
+            if m.lo is not None and m.hi is not None and m.lo > m.hi:
+                return ()
+            if m.lo is None and m.hi is not None:
+                return _causal_like(Nq, Nk, off + m.hi)
+            if m.lo is not None and m.hi is not None and m.hi - m.lo + 1 <= Nk // 2:
+                return _windows(g, m.lo, m.hi, window_rows)
+    return _from_tiles(g, st, mask_elements)
+
+
+def _strip_items(g, band, mask_elements: int):
+    """One strip Rect per block of query rows (its whole band of keys), or None when the strip
+    would exceed ``mask_elements`` even with 16-row blocks."""
+    Nq, Nk, off = g.Nq, g.Nk, g.Nk - g.Nq
+    lo = None if band is None else band.lo
+    hi = None if band is None else band.hi
+    if lo is not None and hi is not None and lo > hi:
+        return ()
+    rows = g.bq
+    while rows >= 16:
+        spans = []
+        for r0 in range(0, Nq, rows):
+            r1 = min(Nq, r0 + rows)
+            k0 = 0 if lo is None else max(0, r0 + off + lo)
+            k1 = Nk if hi is None else min(Nk, r1 - 1 + off + hi + 1)
+            if k1 > k0:
+                spans.append((r0, r1, k0, k1))
+        if not spans:
+            return ()
+        u0 = max(r0 + off - k0 for r0, _, k0, _ in spans)
+        width = u0 + max(k1 - (r0 + off) for r0, _, _, k1 in spans)
+        if g.Hq * rows * width <= mask_elements:
+            return (Strip(rows, u0, width),) + tuple(Rect(*sp, strip=True) for sp in spans)
+        rows //= 2
+    return None
+
+
+def _causal_like(Nq: int, Nk: int, c: int) -> tuple:
+    """Row i attends keys j <= i + c: a full rectangle and a top-left causal one."""
+    if c >= Nk - 1:
+        return (Rect(0, Nq, 0, Nk),)
+    if c >= 0:
+        return ((Rect(0, Nq, 0, c),) if c > 0 else ()) + (Rect(0, Nq, c, Nk, causal=True),)
+    return (Rect(-c, Nq, 0, Nk, causal=True),) if -c < Nq else ()
+
+
+def _windows(g, lo: int, hi: int, window_rows: int) -> tuple:
+    Nq, Nk, off = g.Nq, g.Nk, g.Nk - g.Nq
+    w = hi - lo + 1
+    bw = 1
+    while bw * 2 <= max(1, w // 8) and bw * 2 <= window_rows:
+        bw *= 2
+    # block t is regular when its rows are real and all its keys [t*bw+off+lo, t*bw+bw-1+off+hi] exist
+    t_lo = -(-max(0, -(off + lo)) // bw)
+    t_hi = min(Nq // bw, (Nk - bw - off - hi) // bw + 1) if Nk - bw - off - hi >= 0 else 0
+    items = []
+    if t_hi > t_lo:
+        items.append(Windows(t_lo, t_hi, bw, lo, hi))
+        edges = ((0, t_lo * bw), (t_hi * bw, Nq))
+    else:
+        edges = ((0, Nq),)
+    for a, b in edges:
+        for r0 in range(a, b, max(bw, 128)):
+            r1 = min(b, r0 + max(bw, 128))
+            k0, k1 = max(0, r0 + off + lo), min(Nk, r1 - 1 + off + hi + 1)
+            if k1 > k0:
+                items.append(Rect(r0, r1, k0, k1, masked=((k0, k1),), all_partial=True))
+    return tuple(items)
+
+
+def _from_tiles(g, st: torch.Tensor, mask_elements: int) -> tuple:
+    """Per query block, each contiguous span of non-empty tiles is one rectangle; the mask is
+    evaluated on its PARTIAL tiles only (and a bias on the whole span); a span is split only
+    where its mask tensor would exceed ``mask_elements``. Identical spans of consecutive blocks
+    become one taller rectangle. One kernel call per span and no merge in the common case."""
+    bq, bk, Nq, Nk = g.bq, g.bk, g.Nq, g.Nk
+    heads = g.B * g.Hq if g.bias_parts else 1
+    max_keys = max(bk, (mask_elements // max(1, heads * bq)) // bk * bk)
+    items, open_ = [], {}
+    for t, row in enumerate(st.tolist()):
+        runs, j, Tk = [], 0, len(row)
+        while j < Tk:
+            if row[j] == EMPTY:
+                j += 1
+                continue
+            j0, parts, full = j, [], False
+            while j < Tk and row[j] != EMPTY and (j - j0 + 1) * bk <= max_keys:
+                if row[j] == FULL:
+                    full = True
+                elif parts and parts[-1][1] == j * bk:
+                    parts[-1] = (parts[-1][0], min(Nk, (j + 1) * bk))
+                else:
+                    parts.append((j * bk, min(Nk, (j + 1) * bk)))
+                j += 1
+            runs.append((j0 * bk, min(Nk, j * bk), tuple(parts), not full))
+        r = t * bq
+        for key in [key for key in open_ if key not in runs]:
+            items.append(Rect(open_.pop(key), r, key[0], key[1], masked=key[2], all_partial=key[3]))
+        for key in runs:
+            r0 = open_.get(key)
+            tensor = key[2] or g.bias_parts
+            if r0 is not None and tensor and (r + bq - r0) * (key[1] - key[0]) * heads > mask_elements:
+                items.append(Rect(r0, r, key[0], key[1], masked=key[2], all_partial=key[3]))
+                r0 = None
+            if r0 is None:
+                open_[key] = r
+    for key, r0 in open_.items():
+        items.append(Rect(r0, Nq, key[0], key[1], masked=key[2], all_partial=key[3]))
+    return tuple(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks of an item
+# ---------------------------------------------------------------------------------------------
+
+
+def _rect_mask(g, it: Rect, device):
+    """(float additive mask broadcastable to (B, Hq, R, L) or None, rows-with-a-key bool or None).
+
+    The bias parts are evaluated on the whole rectangle, the mask spec only on ``it.masked``
+    ranges (-inf where it blocks); rows are checked for an allowed key only where they can lack
+    one (no FULL tile, or a bias tensor holding -inf)."""
+    mask = g.mask if it.masked else None
+    if mask is None and not g.bias_parts:
+        return None, None
+    b = torch.arange(g.B, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(g.Hq, device=device).view(1, -1, 1, 1)
+    q = (torch.arange(it.r0, it.r1, device=device) + (g.Nk - g.Nq)).view(1, 1, -1, 1)
+    R, L = it.r1 - it.r0, it.k1 - it.k0
+    blocked = []
+    if mask is not None:
+        for a, c in it.masked:
+            k = torch.arange(a, c, device=device).view(1, 1, 1, -1)
+            blocked.append((a - it.k0, c - it.k0, ~_as4d(mask.allows(b, h, q, k, num_keys=g.Nk))))
+    add, owned = None, False
+    k = torch.arange(it.k0, it.k1, device=device).view(1, 1, 1, -1)
+    for part in g.bias_parts:
+        val = _as4d(part(b, h, q, k).detach().to(g.dtype))
+        if add is None:  # a fresh result of the spec's arithmetic may be written into below
+            add = val
+            owned = val._base is None and all(val.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+                                              for t in part.tensors())
+        else:
+            add, owned = add + val, True
+    shape = [1, 1, R, L]
+    for x in ([add] if add is not None else []) + [m for _, _, m in blocked]:
+        shape[0], shape[1] = max(shape[0], x.shape[0]), max(shape[1], x.shape[1])
+    if add is None:
+        add = torch.zeros(shape, dtype=g.dtype, device=device)
+    elif blocked and (list(add.shape) != shape or not owned):
+        add = add.expand(shape).clone()
+    for a, c, m in blocked:
+        add[:, :, :, a:c].masked_fill_(m, NEG_INF)
+    check = it.all_partial or any(p.dense_tensor is not None for p in g.bias_parts)  # a tensor may hold -inf
+    return add, ((add != NEG_INF).any(dim=-1) if check else None)
+
+
+def _dense_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _as4d(x: torch.Tensor) -> torch.Tensor:
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    return x
+
+
+def _window_pattern(g, it: Windows, device) -> torch.Tensor:
+    """(1, 1, G*bw, L) float 0 / -inf: local row a, local key c allowed iff 0 <= c - a <= hi - lo."""
+    L = it.bw + it.hi - it.lo
+    a = torch.arange(it.bw, device=device).repeat(g.G).view(-1, 1)
+    c = torch.arange(L, device=device).view(1, -1)
+    d = c - a
+    blocked = (d < 0) | (d > it.hi - it.lo)
+    return torch.zeros(blocked.shape, dtype=g.dtype, device=device).masked_fill_(blocked, NEG_INF).view(1, 1, -1, L)
+
+
+def _window_views(g, it: Windows, kc, vc, t0: int, t1: int):
+    """Overlapping (B*Hk, nb, L, D) views of contiguous K/V for window blocks t0..t1-1."""
+    L, nb = it.bw + it.hi - it.lo, t1 - t0
+    start = t0 * it.bw + (g.Nk - g.Nq) + it.lo
+    views = []
+    for x in (kc, vc):
+        X = x.shape[-1]
+        views.append(x.as_strided((g.B * g.Hk, nb, L, X), (g.Nk * X, it.bw * X, X, 1),
+                                  x.storage_offset() + start * X))
+    return views
+
+
+def _block_rows(x: torch.Tensor, g, bw: int, t0: int, t1: int) -> torch.Tensor:
+    """Rows of blocks t0..t1-1 of x (B, Hq, Nq, X) as (B*Hk, nb, G*bw, X) (the G heads of a kv
+    head stacked along rows). A view when G == 1."""
+    nb, X = t1 - t0, x.shape[-1]
+    part = x[:, :, t0 * bw:t1 * bw]  # (B, Hq, nb*bw, X)
+    if g.G == 1:
+        return part.reshape(g.B * g.Hk, nb, bw, X)
+    part = part.reshape(g.B, g.Hk, g.G, nb, bw, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, nb, G, bw, X)
+    return part.reshape(g.B * g.Hk, nb, g.G * bw, X)
+
+
+def _unblock_rows(y: torch.Tensor, g, bw: int) -> torch.Tensor:
+    """Inverse of _block_rows: (B*Hk, nb, G*bw, X) -> (B, Hq, nb*bw, X)."""
+    nb, X = y.shape[1], y.shape[-1]
+    y = y.reshape(g.B, g.Hk, nb, g.G, bw, X).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, G, nb, bw, X)
+    return y.reshape(g.B, g.Hq, nb * bw, X)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge(out, lse, seen, r0, r1, o, s):
+    """Fold a partial result (o (B, Hq, R, D), s (B, Hq, R)) into rows r0..r1-1 of out / lse."""
+    if not seen[r0:r1].any():
+        out[:, :, r0:r1] = o
+        lse[:, :, r0:r1] = s
+        seen[r0:r1] = True
+        return
+    seen[r0:r1] = True
+    s0, o0 = lse[:, :, r0:r1], out[:, :, r0:r1]
+    m = torch.maximum(s0, s)
+    m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
+    a, b = torch.exp(s0 - m), torch.exp(s - m)
+    tot = a + b
+    safe = torch.where(tot == 0, torch.ones_like(tot), tot)
+    o0.mul_((a / safe).unsqueeze(-1)).add_(o * (b / safe).unsqueeze(-1))
+    s0.copy_(m + torch.log(tot))
+
+
+def _strip_tensor(g, sp: Strip, device) -> torch.Tensor:
+    """(1, Hq, rows, width): the biases at offset d = u - r - u0, -inf where the band blocks d."""
+    d = torch.arange(sp.width, device=device).view(1, -1) - torch.arange(sp.rows, device=device).view(-1, 1) - sp.u0
+    h = torch.arange(g.Hq, device=device).view(-1, 1, 1)
+    val = None
+    for part in g.bias_parts:
+        x = part.relative(h, d.unsqueeze(0)).detach().to(g.dtype)
+        val = x if val is None else val + x
+    val = val.expand(g.Hq, sp.rows, sp.width).contiguous()
+    m = g.mask
+    if m is not None:
+        blocked = torch.zeros_like(d, dtype=torch.bool)
+        if m.lo is not None:
+            blocked |= d < m.lo
+        if m.hi is not None:
+            blocked |= d > m.hi
+        val.masked_fill_(blocked, NEG_INF)
+    return val.unsqueeze(0)
+
+
+def _strip_mask(g, sp: Strip, S: torch.Tensor, it: Rect):
+    """The Rect's mask view of S and its rows-with-a-key (None when every row has one)."""
+    q0 = it.r0 + g.Nk - g.Nq
+    u = it.k0 - q0 + sp.u0
+    view = S[:, :, :it.r1 - it.r0, u:u + it.k1 - it.k0]
+    m = g.mask
+    if m is None:
+        return view, None
+    p = torch.arange(it.r0, it.r1, device=S.device) + (g.Nk - g.Nq)  # row positions
+    first = p + m.lo if m.lo is not None else torch.zeros_like(p)
+    last = p + m.hi if m.hi is not None else torch.full_like(p, g.Nk - 1)
+    ok = last.clamp(max=min(g.Nk, it.k1) - 1) >= first.clamp(min=it.k0)
+    return view, (None if bool(ok.all()) else ok.view(1, 1, -1))
+
+
+def forward(g, items, q, k, v):
+    """out (B, Hq, Nq, D) and lse (B, Hq, Nq) in g.dtype (+inf on rows with no allowed key)."""
+    qc, kc, vc = (_dense_last(x.to(g.dtype)) for x in (q, k, v))
+    sp = items[0] if items and isinstance(items[0], Strip) else None
+    S = _strip_tensor(g, sp, q.device) if sp is not None else None
+    out = torch.zeros(g.B, g.Hq, g.Nq, vc.shape[-1], dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
+    lse = torch.full((g.B, g.Hq, g.Nq), NEG_INF, dtype=g.dtype, device=q.device)
+    seen = torch.zeros(g.Nq, dtype=torch.bool)
+    kcc = vcc = None
+    for it in items:
+        if isinstance(it, Strip):
+            continue
+        if isinstance(it, Windows):
+            if kcc is None:
+                kcc, vcc = kc.contiguous(), vc.contiguous()
+            kv, vv = _window_views(g, it, kcc, vcc, it.t0, it.t1)
+            o, s = _FWD(_block_rows(qc, g, it.bw, it.t0, it.t1), kv, vv, 0.0, False,
+                        attn_mask=_window_pattern(g, it, q.device), scale=g.scale)
+            o = _unblock_rows(o, g, it.bw)  # (B, Hq, nb*bw, D)
+            s = _unblock_rows(s.unsqueeze(-1), g, it.bw).squeeze(-1)  # (B, Hq, nb*bw)
+            _merge(out, lse, seen, it.t0 * it.bw, it.t1 * it.bw, o, s)
+            continue
+        add, ok = _strip_mask(g, sp, S, it) if it.strip else _rect_mask(g, it, q.device)
+        o, s = _FWD(qc[:, :, it.r0:it.r1], kc[:, :, it.k0:it.k1], vc[:, :, it.k0:it.k1], 0.0,
+                    it.causal and add is None, attn_mask=add, scale=g.scale)
+        if ok is not None:
+            s = s.masked_fill(~ok, NEG_INF)
+        _merge(out, lse, seen, it.r0, it.r1, o, s)
+    lse.masked_fill_(lse == NEG_INF, float("inf"))
+    return out, lse
+
+
+def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int):
+    """(dq, dk, dv) in g.dtype given the whole attention's out (B, Hq, Nq, D), lse (B, Hq, Nq)."""
+    qc, kc, vc, oc, dc = (_dense_last(x.to(g.dtype)) for x in (q, k, v, out, dout))
+    lse = lse.to(g.dtype)
+    dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc.contiguous()), torch.zeros_like(vc.contiguous())
+    sp = items[0] if items and isinstance(items[0], Strip) else None
+    S = _strip_tensor(g, sp, q.device) if sp is not None else None
+    kcc = vcc = None
+    for it in items:
+        if isinstance(it, Strip):
+            continue
+        if isinstance(it, Windows):
+            if kcc is None:
+                kcc, vcc = kc.contiguous(), vc.contiguous()
+            _windows_backward(g, it, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, item_elements)
+            continue
+        add = _strip_mask(g, sp, S, it)[0] if it.strip else _rect_mask(g, it, q.device)[0]
+        r, c = slice(it.r0, it.r1), slice(it.k0, it.k1)
+        gq, gk, gv = _BWD(dc[:, :, r], qc[:, :, r], kc[:, :, c], vc[:, :, c], oc[:, :, r], lse[:, :, r], 0.0,
+                          it.causal and add is None, attn_mask=add, scale=g.scale)
+        dq[:, :, r] += gq
+        dk[:, :, c] += gk
+        dv[:, :, c] += gv
+    return dq, dk, dv
+
+
+def _windows_backward(g, it: Windows, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, item_elements):
+    """Window blocks in chunks (the per-block dK / dV windows overlap: L / bw times K's size);
+    each chunk's windows are added back in ceil(L / bw) passes of non-overlapping blocks."""
+    L, bw = it.bw + it.hi - it.lo, it.bw
+    pattern = _window_pattern(g, it, qc.device)
+    chunk = max(1, item_elements // (g.B * g.Hk * L * kcc.shape[-1]))
+    step = -(-L // bw)  # blocks this far apart have disjoint windows
+    for c0 in range(it.t0, it.t1, chunk):
+        c1 = min(it.t1, c0 + chunk)
+        kv, vv = _window_views(g, it, kcc, vcc, c0, c1)
+        dob, qb, ob, sb = (_block_rows(x, g, bw, c0, c1) for x in (dc, qc, oc, lse.unsqueeze(-1)))
+        gq, gk, gv = _BWD(dob, qb, kv, vv, ob, sb.squeeze(-1), 0.0, False, attn_mask=pattern, scale=g.scale)
+        dq[:, :, c0 * bw:c1 * bw] += _unblock_rows(gq, g, bw)
+        for dst, src in ((dk, gk), (dv, gv)):
+            windows = _window_views(g, it, dst, dst, c0, c1)[0]  # overlapping (B*Hk, nb, L, X)
+            for j in range(min(step, c1 - c0)):
+                windows[:, j::step].add_(src[:, j::step])  # blocks j, j+step, ...: disjoint windows
