@@ -105,10 +105,9 @@ def test_flex_mods_are_plain_and_equal_the_specs(variant):
 
 
 def test_fla_naive_chunk_peer_equals_attnkit_linear():
-    from attnkit.feature_maps import elu_plus_one
-    from attnkit.linear import linear_attention
-
     from attnkit.bench.cases_linear import fla_naive_chunk
+    from attnkit.variants.linear import elu_plus_one, linear_attention
+
 
     fn = fla_naive_chunk()
     if fn is None:

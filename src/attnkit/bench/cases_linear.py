@@ -97,7 +97,7 @@ def _fla_available(shape: BenchShape, mode: str) -> str | None:
 def _make_fla_linear(shape: BenchShape, mode: str):
     """Causal elu+1 linear attention through fla's chunked form: the same features as attnkit's
     default (elu(x) + 1, computed in the step), normalize=True; its layout is (B, T, H, D)."""
-    from ..feature_maps import elu_plus_one
+    from ..variants.linear import elu_plus_one
 
     fn = fla_naive_chunk()
     q, k, v = random_qkv(shape, mode == "bwd")
