@@ -251,3 +251,18 @@ def test_bigbird_seed_errors(seed, exc, match):
 def test_bigbird_seeds_differ_in_high_bits():
     a, b = (M.bigbird(2, 1, 0, 2, seed=s).to_dense(32, heads=2) for s in (5, 5 + 2**32))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("nq,nk,bq,bk", [(256, 256, 16, 16), (192, 256, 32, 16), (256, 256, 24, 16), (300, 256, 16, 16),
+                                         (250, 250, 16, 32)])
+@pytest.mark.parametrize("args", [(8, 3, 1, 2, 5), (8, 5, 0, 0, 0), (16, 1, 2, 3, 1)])
+def test_bigbird_closed_form_tiles_equal_evaluated(nq, nk, bq, bk, args):
+    """BigBird.tiles pools its block layout (no per-pair evaluation where tiles align with blocks)
+    and equals the exact tile map from evaluating every pair."""
+    from attnkit.masks import evaluate_tiles
+
+    m = M.bigbird(*args)
+    got = m.tiles(nq, nk, bq, bk, heads=3)
+    want = evaluate_tiles(m, nq, nk, bq, bk, heads=3)
+    shape = torch.broadcast_shapes(got.shape, want.shape)
+    assert torch.equal(torch.broadcast_to(got, shape), torch.broadcast_to(want, shape))

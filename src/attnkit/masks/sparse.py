@@ -344,8 +344,23 @@ class BigBird(Mask):
     def data_tensors(self):
         return ()
 
+    def layout(self, nk: int, *, heads: int = 1, device=None) -> torch.Tensor:
+        """The pattern at block granularity: bool (H', nkb, nkb), nkb = ceil(Nk / block_size), rows
+        in key coordinates; H' = heads with random blocks (drawn per head), else 1."""
+        nkb = -(-nk // self.block_size)
+        pos = torch.arange(nkb, device=device) * self.block_size
+        h = torch.arange(heads if self.random_blocks else 1, device=device).view(-1, 1, 1)
+        b = torch.zeros(1, 1, 1, dtype=torch.int64, device=device)
+        return torch.broadcast_to(self.allows(b, h, pos.view(1, -1, 1), pos.view(1, 1, -1), num_keys=nk),
+                                  (h.shape[0], nkb, nkb))
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
-        return evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
+        """Closed form: the block layout (O((Nk / block_size)^2) work, not O(Nq * Nk)) pooled to
+        tiles like ``block_sparse``'s (which falls back to evaluating pairs when tiles do not
+        align with blocks)."""
+        lay = self.layout(nk, heads=heads, device=device or self.device)
+        return BlockSparse(lay, self.block_size).tiles(nq, nk, block_q, block_k, batch=batch, heads=heads,
+                                                       device=device)
 
     def __repr__(self):
         return (f"bigbird(block_size={self.block_size}, window_blocks={self.window_blocks}, "
