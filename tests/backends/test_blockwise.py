@@ -396,3 +396,16 @@ def test_translation_invariant_bias_gradients_by_offset(kind, sched):
                             gather_max_waste=1e9)
     for mask in (None, M.causal(), M.sliding_window(5, 2)):
         check(*run_both(q, k, v, opts, grads=tensors, bias=spec, mask=mask))
+
+
+def test_flush_denormals_restores_the_callers_mode():
+    from attnkit.backends.blockwise import _denormals_flushed, flush_denormals
+
+    for mode in (False, True):
+        torch.set_flush_denormal(mode)
+        try:
+            with flush_denormals():
+                assert _denormals_flushed()
+            assert _denormals_flushed() == mode
+        finally:
+            torch.set_flush_denormal(False)

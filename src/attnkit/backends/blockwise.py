@@ -10,18 +10,29 @@ autograd Function that saves only the output and the log-sum-exp and recomputes 
 backward. Peak extra memory O(B * H * N * D + one work item), never O(Nq * Nk), forward and
 backward; time O(number of non-empty tiles * bq * bk * D).
 
-Forward softmax: when no bias spec is added and |scale * q.k| <= 30 is guaranteed for a query
-block (Cauchy-Schwarz bound from the row norms, or the softcap), p = exp(s) is used without a
-running max (exact to rounding: no overflow, no subnormals) and masks are applied after exp by
-zeroing; otherwise the running max of FlashAttention-2. Per-item buffers (scores, gathered K/V)
-are reused across items (``Workspace``), and for band masks (causal, sliding windows, their
-& / |) the keep pattern of every regular item is one cached (bq, L) 0/1 multiplier.
+Two engines run the planned tiles (``BlockwiseOptions.fused`` picks; results are equal within
+the tolerance table, and both are tested against the reference):
+
+- fused (``blockwise_fused``; CPU, no softcap, no dropout, head dims equal): the tile map is
+  turned into rectangles that torch's CPU flash-attention kernel (the one behind SDPA) runs in
+  C++, merged per query row by log-sum-exp: plain causal-like bands are two rectangles, finite
+  bands (sliding windows) one call over overlapping strided key windows, other masks one
+  rectangle per span of non-empty tiles with the mask evaluated on its PARTIAL tiles only, and
+  translation-invariant biases (ALiBi, T5) a view of one strip tensor per pass. Its backward is
+  the kernel's FlashAttention-2 backward with the merged output and log-sum-exp.
+- tile math (``blockwise_tiles``; everything else, and the backward when bias tensors need
+  gradients). Forward softmax: when no bias spec is added and |scale * q.k| <= 30 is
+  guaranteed for a query block (Cauchy-Schwarz bound from the row norms, or the softcap),
+  p = exp(s) is used without a running max (exact to rounding: no overflow, no subnormals) and
+  masks are applied after exp by zeroing; otherwise the running max of FlashAttention-2.
+  Per-item buffers (scores, gathered K/V) are reused across items (``Workspace``), and for band
+  masks the keep pattern of every regular item is one cached (bq, L) 0/1 multiplier.
 
 The mask spec's ``tiles()`` map decides the work: EMPTY tiles are skipped, FULL tiles need no
-mask, the mask is evaluated only on items that contain a PARTIAL tile. Bias specs are evaluated
-per item from positions; their learnable tensors (``bias.tensors()``) get gradients from the
-per-tile dS (a dense float bias tensor by scatter-add, other specs by autograd on the tile's
-bias evaluation). Two schedules share the tile math of ``blockwise_tiles``:
+mask, the mask is evaluated only where a tile is PARTIAL. Bias specs are evaluated per item
+from positions; their learnable tensors (``bias.tensors()``) get gradients from the per-tile
+dS (a dense float bias tensor by scatter-add, translation-invariant specs by per-offset sums of
+dS, other specs by autograd on the tile's bias evaluation). The tile math has two schedules:
 
 - stream: for each query block, runs of consecutive non-empty key tiles of equal status (a
   contiguous slice of K/V, no copy), folded in by the online softmax. Used for dense, causal,
@@ -30,12 +41,16 @@ bias evaluation). Two schedules share the tile math of ``blockwise_tiles``:
   layouts, dilated/BigBird patterns), the tiles of many query blocks are gathered and
   processed as one batched matmul, one softmax per block: no Python loop over tiles.
 
+Second-order gradients (``create_graph=True``) recompute the attention with the reference's
+differentiable ops inside the backward (exact, at O(B * Hq * Nq * Nk) memory for that step).
+
 Dropout uses ``attnkit._hash.dropout_keep(seed, p, b, h, i, j)`` at the same coordinates as the
 reference, so it equals the reference exactly and backward regenerates the same pattern.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -264,9 +279,33 @@ def shift_free_blocks(g: Geometry, qc: torch.Tensor, kp: torch.Tensor) -> list[b
 # ---------------------------------------------------------------------------------------------
 
 
+def _denormals_flushed() -> bool:
+    return bool((torch.full((1,), 1e-38) * 1e-3).item() == 0)  # a float32 subnormal, or 0 when flushed
+
+
+@contextmanager
+def flush_denormals():
+    """Run with subnormal floats flushed to zero, then restore the caller's mode. Attention
+    weights below ~1e-38 (strongly decaying biases such as ALiBi's, far keys) otherwise take the
+    CPU's slow subnormal path in exp: 1.3x the forward and 2.5x the backward of causal + ALiBi."""
+    before = _denormals_flushed()
+    if not before:
+        torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if not before:
+            torch.set_flush_denormal(False)
+
+
 def forward_pass(plan: Plan, q, k, v):
     """Run the forward of ``plan``: out (B, Hq, Nq, Dv) and the log-sum-exp (B, Hq, Nq), both in
     the compute dtype (+inf lse and zero output on rows with no allowed key). No autograd."""
+    with flush_denormals():
+        return _forward_pass(plan, q, k, v)
+
+
+def _forward_pass(plan: Plan, q, k, v):
     g = plan.geom
     if plan.items is not None:
         return engine.forward(g, plan.items, q, k, v)
@@ -297,10 +336,16 @@ def backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad: bool = T
 
     Returns (dq, dk, dv) in the compute dtype and the bias tensors' gradients as a flat list in
     ``bias.tensors()`` order (None where a tensor needs none). No autograd."""
+    with flush_denormals():
+        return _backward_pass(plan, q, k, v, out, lse, dout, bias_needs_grad)
+
+
+def _backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad):
     g = plan.geom
     if plan.fused_backward:
         dq, dk, dv = engine.backward(g, plan.items, q, k, v, out, lse, dout,
-                                     item_elements=plan.options.item_elements)
+                                     item_elements=plan.options.item_elements,
+                                     mask_elements=plan.options.mask_elements)
         return dq, dk, dv, [None for p in g.bias_parts for _ in p.tensors()]
     if not plan.groups and plan.schedule is None:
         raise RuntimeError("this blockwise plan was made without a backward (make_plan(backward=False))")

@@ -408,8 +408,34 @@ def forward(g, items, q, k, v):
     return out, lse
 
 
-def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int):
+BACKWARD_ROWS = 1024  # the kernel's backward needs >= 768 query rows per call for its 256-row blocks
+
+
+def backward_items(g, items, mask_elements: int) -> tuple:
+    """Items for the backward. The kernel's backward runs short (128-row) rectangles at about half
+    its rate on tall ones, so bias plans under a band mask (or none), whose per-block spans are
+    contiguous, are regrouped into bands of BACKWARD_ROWS rows, their keys cut into chunks whose
+    mask / bias tensor fits ``mask_elements``. Other plans are kept."""
+    if not g.bias_parts or not (g.mask is None or type(g.mask) is Band):
+        return items
+    rects = [it for it in items if isinstance(it, Rect)]
+    out = []
+    for r0 in range(0, g.Nq, BACKWARD_ROWS):
+        r1 = min(g.Nq, r0 + BACKWARD_ROWS)
+        spans = [(it.k0, it.k1) for it in rects if it.r0 < r1 and it.r1 > r0]
+        if not spans:
+            continue
+        k0, k1 = min(a for a, _ in spans), max(b for _, b in spans)
+        step = max(128, mask_elements // (g.B * g.Hq * (r1 - r0)) // 128 * 128)
+        for a in range(k0, k1, step):
+            b = min(k1, a + step)
+            out.append(Rect(r0, r1, a, b, masked=((a, b),) if g.mask is not None else (), all_partial=True))
+    return tuple(out)
+
+
+def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elements: int = 1 << 24):
     """(dq, dk, dv) in g.dtype given the whole attention's out (B, Hq, Nq, D), lse (B, Hq, Nq)."""
+    items = backward_items(g, items, mask_elements)
     qc, kc, vc, oc, dc = (_dense_last(x.to(g.dtype)) for x in (q, k, v, out, dout))
     lse = lse.to(g.dtype)
     dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc.contiguous()), torch.zeros_like(vc.contiguous())
