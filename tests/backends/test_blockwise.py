@@ -409,3 +409,16 @@ def test_flush_denormals_restores_the_callers_mode():
             assert _denormals_flushed() == mode
         finally:
             torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("mask_elements", [1 << 20, 4000, 300])
+@pytest.mark.parametrize("nq,nk", [(37, 37), (20, 45), (45, 20)])
+def test_causal_like_band_with_bias_in_bands(nq, nk, mask_elements):
+    """Causal-like bands (any diagonal offset) with a head-dependent bias spec: bands of rows,
+    each a full and a kernel-causal rectangle carrying the bias (fused engine), vs the reference."""
+    shape = Shape(2, 4, 2, nq, nk, 8, 8)
+    q, k, v = make_qkv(shape, seed=11)
+    bias = Bi.from_function(lambda b, h, i, j: -0.05 * (i - j).double() + 0.1 * h.double(), name="f")
+    opts = BlockwiseOptions(block_q=8, block_k=8, mask_elements=mask_elements)
+    for mask in (M.causal(), M.Band(None, 3, "band(None, 3)"), M.Band(None, -5, "band(None, -5)")):
+        check(*run_both(q, k, v, opts, mask=mask, bias=bias))

@@ -108,6 +108,10 @@ def plan_items(g, st: torch.Tensor | None, *, mask_elements: int, window_rows: i
         items = _strip_items(g, m, mask_elements)
         if items is not None:
             return items
+    if g.bias_parts and type(m) is Band and m.lo is None and m.hi is not None:
+        items = _causal_like_banded(g, off + m.hi, mask_elements)
+        if items is not None:
+            return items
     if not g.bias_parts:
         if m is None:
             return (Rect(0, Nq, 0, Nk),)
@@ -146,6 +150,42 @@ def _strip_items(g, band, mask_elements: int):
             return (Strip(rows, u0, width),) + tuple(Rect(*sp, strip=True) for sp in spans)
         rows //= 2
     return None
+
+
+def _bias_extent(g) -> int:
+    """B' * H' of the bias parts' values (1 where a part ignores batch / head), by one probe."""
+    z = torch.zeros(1, 1, 1, 1, dtype=torch.int64)
+    b, h = torch.arange(g.B).view(-1, 1, 1, 1), torch.arange(g.Hq).view(1, -1, 1, 1)
+    n = 1
+    for part in g.bias_parts:
+        shape = _as4d(part(b, h, z + (g.Nk - 1), z)).shape
+        n = max(n, shape[0] * shape[1])
+    return n
+
+
+def _causal_like_banded(g, c: int, mask_elements: int):
+    """Causal-like band (row i attends keys j <= i + c) with a bias: bands of rows, each a full
+    rectangle and a top-left causal one (the kernel's causal flag together with the bias tensor),
+    as tall as the bias tensor's budget allows (None below 16 rows)."""
+    Nq, Nk = g.Nq, g.Nk
+    ext, rows = _bias_extent(g), BACKWARD_ROWS
+    while rows > 16 and ext * rows * Nk > mask_elements:
+        rows //= 2
+    if ext * rows * Nk > mask_elements:
+        return None
+    items = []
+    for r0 in range(0, Nq, rows):
+        r1 = min(Nq, r0 + rows)
+        if r1 - 1 + c < 0:
+            continue  # no row of this band has a key
+        if r0 + c >= Nk:
+            items.append(Rect(r0, r1, 0, Nk))
+            continue
+        if r0 + c > 0:
+            items.append(Rect(r0, r1, 0, r0 + c))
+        rr0 = max(r0, -c)
+        items.append(Rect(rr0, r1, max(0, r0 + c), min(Nk, r1 + c), causal=True))
+    return tuple(items)
 
 
 def _causal_like(Nq: int, Nk: int, c: int) -> tuple:
@@ -400,7 +440,7 @@ def forward(g, items, q, k, v):
             continue
         add, ok = _strip_mask(g, sp, S, it) if it.strip else _rect_mask(g, it, q.device)
         o, s = _FWD(qc[:, :, it.r0:it.r1], kc[:, :, it.k0:it.k1], vc[:, :, it.k0:it.k1], 0.0,
-                    it.causal and add is None, attn_mask=add, scale=g.scale)
+                    it.causal, attn_mask=add, scale=g.scale)
         if ok is not None:
             s = s.masked_fill(~ok, NEG_INF)
         _merge(out, lse, seen, it.r0, it.r1, o, s)
@@ -419,6 +459,8 @@ def backward_items(g, items, mask_elements: int) -> tuple:
     if not g.bias_parts or not (g.mask is None or type(g.mask) is Band):
         return items
     rects = [it for it in items if isinstance(it, Rect)]
+    if all(it.r1 - it.r0 >= min(BACKWARD_ROWS, g.Nq) or it.r1 == g.Nq for it in rects):
+        return items  # already tall
     out = []
     for r0 in range(0, g.Nq, BACKWARD_ROWS):
         r1 = min(g.Nq, r0 + BACKWARD_ROWS)
@@ -453,7 +495,7 @@ def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elem
         add = _strip_mask(g, sp, S, it)[0] if it.strip else _rect_mask(g, it, q.device)[0]
         r, c = slice(it.r0, it.r1), slice(it.k0, it.k1)
         gq, gk, gv = _BWD(dc[:, :, r], qc[:, :, r], kc[:, :, c], vc[:, :, c], oc[:, :, r], lse[:, :, r], 0.0,
-                          it.causal and add is None, attn_mask=add, scale=g.scale)
+                          it.causal, attn_mask=add, scale=g.scale)
         dq[:, :, r] += gq
         dk[:, :, c] += gk
         dv[:, :, c] += gv
