@@ -490,7 +490,7 @@ def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elem
         if isinstance(it, Windows):
             if kcc is None:
                 kcc, vcc = kc.contiguous(), vc.contiguous()
-            _windows_backward(g, it, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, item_elements)
+            _windows_backward(g, it, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, max(1, mask_elements // 4))
             continue
         add = _strip_mask(g, sp, S, it)[0] if it.strip else _rect_mask(g, it, q.device)[0]
         r, c = slice(it.r0, it.r1), slice(it.k0, it.k1)
@@ -502,20 +502,20 @@ def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elem
     return dq, dk, dv
 
 
-def _windows_backward(g, it: Windows, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, item_elements):
-    """Window blocks in chunks (the per-block dK / dV windows overlap: L / bw times K's size);
-    each chunk's windows are added back in ceil(L / bw) passes of non-overlapping blocks."""
+def _windows_backward(g, it: Windows, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, budget):
+    """Window blocks in chunks of at most ``budget`` elements of per-block dK (the windows overlap:
+    L / bw times K's size); each chunk's window gradients are folded back with one index_add_."""
     L, bw = it.bw + it.hi - it.lo, it.bw
     pattern = _window_pattern(g, it, qc.device)
-    chunk = max(1, item_elements // (g.B * g.Hk * L * kcc.shape[-1]))
-    step = -(-L // bw)  # blocks this far apart have disjoint windows
+    chunk = max(1, budget // (g.B * g.Hk * L * kcc.shape[-1]))
+    start = (g.Nk - g.Nq) + it.lo
     for c0 in range(it.t0, it.t1, chunk):
         c1 = min(it.t1, c0 + chunk)
         kv, vv = _window_views(g, it, kcc, vcc, c0, c1)
         dob, qb, ob, sb = (_block_rows(x, g, bw, c0, c1) for x in (dc, qc, oc, lse.unsqueeze(-1)))
         gq, gk, gv = _BWD(dob, qb, kv, vv, ob, sb.squeeze(-1), 0.0, False, attn_mask=pattern, scale=g.scale)
         dq[:, :, c0 * bw:c1 * bw] += _unblock_rows(gq, g, bw)
-        for dst, src in ((dk, gk), (dv, gv)):
-            windows = _window_views(g, it, dst, dst, c0, c1)[0]  # overlapping (B*Hk, nb, L, X)
-            for j in range(min(step, c1 - c0)):
-                windows[:, j::step].add_(src[:, j::step])  # blocks j, j+step, ...: disjoint windows
+        keys = ((torch.arange(c0, c1, device=qc.device) * bw + start).view(-1, 1)
+                + torch.arange(L, device=qc.device)).view(-1)  # (nb*L,) key of each window row
+        for dst, src in ((dk, gk), (dv, gv)):  # (B*Hk, nb, L, X) -> rows of (B, Hk, Nk, X)
+            dst.view(g.B * g.Hk, g.Nk, -1).index_add_(1, keys, src.reshape(g.B * g.Hk, -1, src.shape[-1]))
