@@ -197,12 +197,13 @@ def _causal_like(Nq: int, Nk: int, c: int) -> tuple:
     return (Rect(-c, Nq, 0, Nk, causal=True),) if -c < Nq else ()
 
 
-def _windows(g, lo: int, hi: int, window_rows: int) -> tuple:
+def _windows(g, lo: int, hi: int, window_rows: int, bw: int | None = None) -> tuple:
     Nq, Nk, off = g.Nq, g.Nk, g.Nk - g.Nq
     w = hi - lo + 1
-    bw = 1
-    while bw * 2 <= max(1, w // 8) and bw * 2 <= window_rows:
-        bw *= 2
+    if bw is None:
+        bw = 1
+        while bw * 2 <= max(1, w // 8) and bw * 2 <= window_rows:
+            bw *= 2
     # block t is regular when its rows are real and all its keys [t*bw+off+lo, t*bw+bw-1+off+hi] exist
     t_lo = -(-max(0, -(off + lo)) // bw)
     t_hi = min(Nq // bw, (Nk - bw - off - hi) // bw + 1) if Nk - bw - off - hi >= 0 else 0
@@ -449,6 +450,7 @@ def forward(g, items, q, k, v):
 
 
 BACKWARD_ROWS = 1024  # the kernel's backward needs >= 768 query rows per call for its 256-row blocks
+BACKWARD_WINDOW_ROWS = 128  # window blocks of the backward (32-row ones run its GEMMs at a fraction of the rate)
 
 
 def backward_items(g, items, mask_elements: int) -> tuple:
@@ -456,6 +458,9 @@ def backward_items(g, items, mask_elements: int) -> tuple:
     its rate on tall ones, so bias plans under a band mask (or none), whose per-block spans are
     contiguous, are regrouped into bands of BACKWARD_ROWS rows, their keys cut into chunks whose
     mask / bias tensor fits ``mask_elements``. Other plans are kept."""
+    win = next((it for it in items if isinstance(it, Windows)), None)
+    if win is not None and win.bw < BACKWARD_WINDOW_ROWS:  # taller blocks: more keys, far better rate
+        return _windows(g, win.lo, win.hi, 0, bw=min(BACKWARD_WINDOW_ROWS, max(win.bw, g.bq)))
     if not g.bias_parts or not (g.mask is None or type(g.mask) is Band):
         return items
     rects = [it for it in items if isinstance(it, Rect)]
