@@ -108,7 +108,6 @@ def test_fla_naive_chunk_peer_equals_attnkit_linear():
     from attnkit.bench.cases_linear import fla_naive_chunk
     from attnkit.variants.linear import elu_plus_one, linear_attention
 
-
     fn = fla_naive_chunk()
     if fn is None:
         pytest.skip("fla-core not installed (peers extra)")
