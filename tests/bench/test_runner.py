@@ -133,4 +133,4 @@ def test_rounds_interleave_and_ratios(tmp_path):
     bw = next(r for r in results if r.impl == "attnkit.blockwise")
     assert best == "sdpa" and vs_sdpa == pytest.approx(bw.median_s / sd.median_s) == vs_best
     md = report.markdown(results, None)
-    assert "x sdpa" in md
+    assert "x SDPA" in md

@@ -105,7 +105,8 @@ def test_run_prints_results_once(quick, tmp_path, monkeypatch, capsys):
         assert f"softmax/dense/{r.impl} N=512 fwd: ok" in cap.err
     assert "[2/2]" in cap.err and "0.250" not in cap.err  # progress, not results
     row = next(line for line in cap.out.splitlines() if "| attnkit.auto |" in line)
-    assert row.split("|")[5].strip() == ("0.250 (0.400-0.600) / 12" if quick else "0.250 (0.400-0.600) / 777 / 12")
+    cell = "0.250 (0.400-0.600) / 12" if quick else "0.250 (0.400-0.600) / 777 / 12"
+    assert row.split("|")[5].strip() == cell + " / 0.50x SDPA"  # and its ratio to sdpa in the same run
     assert (out / "bench.md").read_text() in cap.out
     rss = [r["peak_rss_mib"] for r in csv.DictReader(open(out / "bench.csv"))]
     assert rss == (["", ""] if quick else ["1234.0", "777.0"])

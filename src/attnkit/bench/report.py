@@ -78,7 +78,7 @@ def _cell(r: Result, memory: bool, rat=None) -> str:
     if rat:
         vs_sdpa, best, vs_best = rat
         if vs_sdpa is not None and r.impl != "sdpa":
-            s += f" / {vs_sdpa:.2f}x sdpa"
+            s += f" / {vs_sdpa:.2f}x SDPA"
         if best is not None and best != r.impl and best != "sdpa":
             s += f" / {vs_best:.2f}x {best}"
     return s
@@ -96,7 +96,7 @@ def markdown(results: list[Result], matmul_gflops: float | None, header: str = "
         lines += [f"fp32 matmul rate (2048^3, same threads): {matmul_gflops:.1f} GFLOP/s", ""]
     cells = "median s (min-max) / peak RSS MiB / useful GFLOP/s" if memory else (
         "median s (min-max) / useful GFLOP/s (no peak RSS: all tasks share one process)")
-    lines += [f"Cells: {cells} (% of the matmul rate) / time as a multiple of sdpa's and of the fastest "
+    lines += [f"Cells: {cells} (% of the matmul rate) / time as a multiple of SDPA's and of the fastest "
               "peer's (any impl not attnkit's), same run. 'first' = first call (includes compile).", ""]
     rat = ratios(results)
     lines.append("| family | variant | mode | impl | " + " | ".join(f"N={n}" for n in sizes) + " | first call s |")
