@@ -55,29 +55,38 @@ class OnlineSoftmax:
     rows: the shape of the row statistics, e.g. (B, H, R); acc is rows + (Dv,). ``update(s, v)``
     folds in scores s (rows + (L,), -inf = blocked) and values v (..., L, Dv); ``result()``
     returns (out rows + (Dv,), lse rows) with out = 0 and lse = +inf on rows that saw no key.
+    The first tile is stored as is (no rescaling of zeros), so one tile costs one softmax.
     """
 
     def __init__(self, rows: tuple[int, ...], value_dim: int, *, dtype: torch.dtype, device):
-        self.m = torch.full(rows, NEG_INF, dtype=dtype, device=device)
-        self.l = torch.zeros(rows, dtype=dtype, device=device)
-        self.acc = torch.zeros(*rows, value_dim, dtype=dtype, device=device)
+        self.rows, self.value_dim, self.dtype, self.device = tuple(rows), value_dim, dtype, device
+        self.m = self.l = self.acc = None  # set by the first update
 
     def update(self, s: torch.Tensor, v: torch.Tensor, p_hook=None) -> None:
         """Fold in one tile. ``s`` is consumed (overwritten in place). ``p_hook(p)`` may rescale the
         probabilities after the normaliser is taken (dropout)."""
-        m_new = torch.maximum(self.m, s.amax(dim=-1))
+        tile_max = s.amax(dim=-1)
+        m_new = tile_max if self.m is None else torch.maximum(self.m, tile_max)
         m_safe = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
         p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # rows + (L,)
-        alpha = torch.exp(self.m - m_safe)  # 0 where the old max was -inf
-        self.l.mul_(alpha).add_(p.sum(dim=-1))
+        tile_sum = p.sum(dim=-1)
         if p_hook is not None:
             p = p_hook(p)
-        self.acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, v))
+        pv = torch.matmul(p, v)  # rows + (Dv,)
+        if self.m is None:
+            self.l, self.acc = tile_sum, pv
+        else:
+            alpha = torch.exp(self.m - m_safe)  # 0 where the old max was -inf
+            self.l.mul_(alpha).add_(tile_sum)
+            self.acc.mul_(alpha.unsqueeze(-1)).add_(pv)
         self.m = m_new
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.m is None:  # no tile at all
+            out = torch.zeros(*self.rows, self.value_dim, dtype=self.dtype, device=self.device)
+            return out, torch.full(self.rows, float("inf"), dtype=self.dtype, device=self.device)
         empty = self.l == 0
-        out = self.acc / torch.where(empty, torch.ones_like(self.l), self.l).unsqueeze(-1)
+        out = self.acc.div_(torch.where(empty, torch.ones_like(self.l), self.l).unsqueeze(-1))
         m_safe = torch.where(self.m == NEG_INF, torch.zeros_like(self.m), self.m)
         lse = torch.where(empty, torch.full_like(self.l, float("inf")), m_safe + torch.log(self.l.clamp_min(1e-300)))
         return out, lse

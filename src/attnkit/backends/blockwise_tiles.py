@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .._hash import dropout_keep
-from .._numerics import NEG_INF
+from .._numerics import NEG_INF, OnlineSoftmax
 from ..biases import Bias, TensorBias
 
 # Shift-free softmax: when |score| <= SHIFT_FREE_BOUND is guaranteed (Cauchy-Schwarz bound on
@@ -247,24 +247,14 @@ def forward_group(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT=None, *, shift_
         out = acc.div_(torch.where(empty, torch.ones_like(l_), l_).unsqueeze(-1))
         lse = torch.where(empty, torch.full_like(l_, float("inf")), torch.log(l_))
         return out, lse
-    if len(items) == 1:  # every key of these rows in one item: a plain softmax, no running state
-        ktT, vt, kpos, kvalid = item_keys(g, kp, vp, items[0], kT)
+    acc = OnlineSoftmax(tuple(qt.shape[:4]), Dv, dtype=g.dtype, device=qt.device)  # rows (B, Hk, C, G*bq)
+    for keys in items:
+        ktT, vt, kpos, kvalid = item_keys(g, kp, vp, keys, kT)
         pos = positions(g, t0, t1, kpos, qt.device)
-        s, _, _ = scores(g, qt, ktT, pos, kvalid, items[0].masked)
-        m = s.amax(dim=-1)  # (B, Hk, C, G*bq)
-        m_safe = torch.where(m == NEG_INF, torch.zeros_like(m), m)
-        p = s.sub_(m_safe.unsqueeze(-1)).exp_()
-        l_ = p.sum(dim=-1)
-        if g.dropout_p > 0:
-            p.mul_(keep_scale(g, pos, p.shape))
-        acc = torch.matmul(p, vt)  # (B, Hk, C, G*bq, Dv)
-    else:
-        m, l_, acc = _online(g, qt, kp, vp, t0, t1, items, Dv, kT)
-    empty = l_ == 0
-    out = acc.div_(torch.where(empty, torch.ones_like(l_), l_).unsqueeze(-1))
-    m_safe = torch.where(m == NEG_INF, torch.zeros_like(m), m)
-    lse = torch.where(empty, torch.full_like(l_, float("inf")), m_safe + torch.log(l_.clamp_min(1e-300)))
-    return out, lse
+        s, _, _ = scores(g, qt, ktT, pos, kvalid, keys.masked)  # (B, Hk, C, G*bq, L)
+        dropout = (lambda p, pos=pos: p.mul_(keep_scale(g, pos, p.shape))) if g.dropout_p > 0 else None
+        acc.update(s, vt, dropout)
+    return acc.result()
 
 
 def _shift_free(g: Geometry, qt, kp, vp, t0, t1, items, kT, band_cache, ws):
@@ -337,28 +327,6 @@ def _blocked(g: Geometry, t0, t1, keys, L, band_cache, device):
         m = g.mask.allows(*pos, num_keys=g.Nk)
         allowed = m if allowed is None else (m & allowed)
     return (None if allowed is None else ~allowed), pos
-
-
-def _online(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT):
-    """Running max m, sum l and unnormalised output acc over several key items."""
-    B, Hk, C, R, _ = qt.shape
-    m = torch.full((B, Hk, C, R), NEG_INF, dtype=g.dtype, device=qt.device)
-    l_ = torch.zeros((B, Hk, C, R), dtype=g.dtype, device=qt.device)
-    acc = torch.zeros((B, Hk, C, R, Dv), dtype=g.dtype, device=qt.device)
-    for keys in items:
-        ktT, vt, kpos, kvalid = item_keys(g, kp, vp, keys, kT)
-        pos = positions(g, t0, t1, kpos, qt.device)
-        s, _, _ = scores(g, qt, ktT, pos, kvalid, keys.masked)
-        m_new = torch.maximum(m, s.amax(dim=-1))
-        m_safe = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
-        p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # (B, Hk, C, G*bq, L), in place
-        alpha = torch.exp(m - m_safe)
-        l_.mul_(alpha).add_(p.sum(dim=-1))
-        if g.dropout_p > 0:
-            p.mul_(keep_scale(g, pos, p.shape))
-        acc.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, vt))
-        m = m_new
-    return m, l_, acc
 
 
 # ---------------------------------------------------------------------------------------------
