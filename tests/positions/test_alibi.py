@@ -187,3 +187,25 @@ def test_blockwise_small_tiles_evaluates_per_tile_and_matches(kind):
     dout = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
         torch.testing.assert_close(a, b, **tol(torch.float64, "blockwise", grad=True))
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_slopes_keep_exact_distances(half):
+    """Slopes cast to a half type (module.to(torch.bfloat16)) must not round the positions:
+    bfloat16 holds integers exactly only up to 256, so a distance computed in it is off by whole
+    positions at N=600 (found by tools/gpu_check.py: 20x the bf16 tolerance)."""
+    H, N = 4, 600
+    want = ALiBi(H).to_dense(N, N, heads=H)  # float32 slopes 2^-k: exact in every half type
+    spec = ALiBi(H, slopes=alibi_slopes(H, dtype=half))
+    got = spec.to_dense(N, N, heads=H)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    r = torch.arange(-N, N).view(1, -1)
+    torch.testing.assert_close(spec.relative(torch.arange(H).view(-1, 1), r),
+                               ALiBi(H).relative(torch.arange(H).view(-1, 1), r), rtol=0, atol=0)
+    q, k, v = (torch.randn(1, H, N, 16, dtype=torch.float64) for _ in range(3))
+    ref = attnkit.attention(q, k, v, mask=masks.causal(), bias=ALiBi(H, slopes=alibi_slopes(H, dtype=torch.float64)),
+                            backend="reference")
+    for backend in ("reference", "blockwise"):
+        out = attnkit.attention(q.to(half), k.to(half), v.to(half), mask=masks.causal(), bias=spec, backend=backend)
+        torch.testing.assert_close(out.double(), ref, **tol(half, backend))

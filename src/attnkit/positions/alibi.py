@@ -77,7 +77,7 @@ class ALiBi(Bias):
             raise ValueError(f"ALiBi was built for {self.num_heads} heads but the input has Hq={heads} query heads")
 
     def __call__(self, b, h, q, k) -> torch.Tensor:
-        slopes = self.slopes.to(h.device)
+        slopes = self._slopes(h.device)
         if h.device.type == "cpu" and h.numel() and int(h.max()) >= self.num_heads:
             raise ValueError(f"ALiBi was built for {self.num_heads} heads but was asked for head {int(h.max())}")
         # Convert the (small) index tensors first: integer differences below 2^24 are exact in float32,
@@ -89,9 +89,16 @@ class ALiBi(Bias):
 
     translation_invariant = True
 
+    def _slopes(self, device) -> torch.Tensor:
+        """The slopes on ``device`` in at least float32: positions above 256 are not exact in
+        bfloat16 (above 2048 in float16), so half-precision slopes (a module cast with
+        ``.to(torch.bfloat16)``) would shift distances by whole positions. The bias is then float32,
+        which every backend adds to float32 scores for half inputs."""
+        return self.slopes.to(device=device, dtype=torch.promote_types(self.slopes.dtype, torch.float32))
+
     def relative(self, h, r) -> torch.Tensor:
         """-slope[h] * distance for offsets r = k - q (what ``__call__`` gives for q, k with k - q = r)."""
-        slopes = self.slopes.to(h.device)
+        slopes = self._slopes(h.device)
         rf = r.to(slopes.dtype)
         return slopes[h] * (torch.minimum(rf, -rf) if self.symmetric else rf)
 

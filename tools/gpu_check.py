@@ -1,0 +1,252 @@
+"""GPU check: every exact backend and the long-range kernels on CUDA against float64, plus timings.
+
+Run on a machine with a CUDA GPU (the test suite runs on CPU only):
+
+    PYTHONPATH=src python tools/gpu_check.py [--out DIR] [--quick]
+
+Part 1 (exactness): for each mask/bias case and each backend that accepts the call on CUDA, the
+forward output and dq, dk, dv (and learnable-bias gradients) in float32 and bfloat16 are compared
+with ``backend="reference"`` in float64 on the same device, within ``attnkit.tolerances``.
+Part 2: linear, Performer, Linformer, Nystrom, LSH and additive attention on CUDA float32 against
+the same function in float64 (forward and backward).
+Part 3: timings (CUDA events, median of 5) for causal / sliding window / document / ALiBi at
+N=16384 in bfloat16, attnkit's backends against sdpa (dense bool mask) and flex (idiomatic
+mask_mod), fwd and fwd+bwd, as ratios to sdpa in the same run.
+Writes gpu_check.md and gpu_check.json to --out and exits 1 if any exactness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import attnkit
+from attnkit import masks
+from attnkit.positions import ALiBi, T5Bias, alibi_slopes
+from attnkit.tolerances import tol
+
+DEV = "cuda"
+
+
+def _rand(*shape, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEV, dtype)
+
+
+def exact_cases(B=2, Hq=4, Hk=2, Nq=300, Nk=300, D=64):
+    """(name, kwargs builder(dtype) -> dict, shapes). Odd lengths, GQA, padding, masked rows."""
+    lengths = torch.tensor([Nk, Nk // 3], device=DEV)
+    ids = (torch.arange(Nk, device=DEV) // 97).expand(B, Nk).contiguous()
+
+    def t5(dtype):
+        table = _rand(32, Hq, dtype=dtype, seed=5).requires_grad_(True)
+        return T5Bias(table, bidirectional=False)
+
+    return [
+        ("dense", lambda dt: {}),
+        ("causal", lambda dt: {"mask": masks.causal()}),
+        ("causal Nq<Nk", lambda dt: {"mask": masks.causal()}, (Nq // 3, Nk)),
+        ("swa 63", lambda dt: {"mask": masks.sliding_window(63)}),
+        ("document & causal", lambda dt: {"mask": masks.document(ids) & masks.causal()}),
+        ("padding & causal", lambda dt: {"mask": masks.key_padding(lengths) & masks.causal()}),
+        ("fully masked rows", lambda dt: {"mask": masks.key_padding(torch.tensor([0, Nk], device=DEV))}),
+        ("bigbird", lambda dt: {"mask": masks.bigbird(block_size=32, seed=3)}),
+        ("alibi & causal", lambda dt: {"mask": masks.causal(), "bias": ALiBi(Hq, slopes=alibi_slopes(Hq, dtype=dt, device=DEV))}),
+        ("t5 learnable & causal", lambda dt: {"mask": masks.causal(), "bias": t5(dt)}),
+        ("softcap 30 & causal", lambda dt: {"mask": masks.causal(), "softcap": 30.0}),
+    ], (B, Hq, Hk, Nq, Nk, D)
+
+
+def run_exact(report: list, failures: list) -> None:
+    cases, (B, Hq, Hk, Nq, Nk, D) = exact_cases()
+    for case in cases:
+        name, build = case[0], case[1]
+        nq, nk = case[2] if len(case) > 2 else (Nq, Nk)
+        q64 = _rand(B, Hq, nq, D, dtype=torch.float64, seed=1)
+        k64 = _rand(B, Hk, nk, D, dtype=torch.float64, seed=2)
+        v64 = _rand(B, Hk, nk, D, dtype=torch.float64, seed=3)
+        go64 = _rand(B, Hq, nq, D, dtype=torch.float64, seed=4)
+        kw64 = build(torch.float64)
+        ins64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
+        out64 = attnkit.attention(*ins64, backend="reference", **kw64)
+        extra64 = _bias_tensors(kw64)
+        grads64 = torch.autograd.grad(out64, ins64 + extra64, go64)
+        for dtype in (torch.float32, torch.bfloat16):
+            for backend in ("auto", "sdpa", "blockwise", "flex", "reference"):
+                kw = build(dtype)
+                ins = [t.to(dtype).requires_grad_(True) for t in (q64, k64, v64)]
+                extra = _bias_tensors(kw)
+                try:
+                    chosen = attnkit.which_backend(*ins, **kw) if backend == "auto" else backend
+                    out = attnkit.attention(*ins, backend=backend, **kw)
+                    grads = torch.autograd.grad(out, ins + extra, go64.to(dtype))
+                except (attnkit.NoBackendError, ValueError, NotImplementedError, RuntimeError) as e:
+                    if backend == "auto":
+                        failures.append(f"{name} {dtype} auto: {e}")
+                    report.append({"case": name, "dtype": str(dtype), "backend": backend, "status": f"n/a: {str(e).splitlines()[0][:90]}"})
+                    continue
+                tb = chosen if isinstance(chosen, str) else str(chosen)
+                errs = [_excess(out, out64, dtype, tb, grad=False)]
+                errs += [_excess(a, b, dtype, tb, grad=True) for a, b in zip(grads, grads64)]
+                ok = max(errs) <= 1.0
+                row = {"case": name, "dtype": str(dtype), "backend": backend, "chosen": tb,
+                       "worst_err_over_tol": round(max(errs), 4), "status": "ok" if ok else "FAIL"}
+                report.append(row)
+                if not ok:
+                    failures.append(f"{name} {dtype} {backend}: error {max(errs):.3g} x tolerance")
+                print(row, flush=True)
+
+
+def _bias_tensors(kw) -> list[torch.Tensor]:
+    b = kw.get("bias")
+    return [t for t in (b.tensors() if hasattr(b, "tensors") else ()) if t.requires_grad]
+
+
+def _excess(a, e, dtype, backend, grad) -> float:
+    """max |a - e| / (atol + rtol |e|): <= 1 means within the tolerance table."""
+    t = tol(dtype, backend if backend in ("reference", "sdpa", "blockwise", "flex") else "flex", grad=grad)
+    a, e = a.detach().to(torch.float64), e.detach().to(torch.float64)
+    return ((a - e).abs() / (t["atol"] + t["rtol"] * e.abs())).max().item()
+
+
+def run_longrange(report: list, failures: list) -> None:
+    B, H, N, D = 2, 4, 777, 64
+    proj = attnkit.variants.performer.draw_favor_projection(128, D, generator=torch.Generator().manual_seed(0))
+    e = torch.randn(128, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / N ** 0.5
+    lengths = torch.tensor([N, N // 2], device=DEV)
+    fns = {
+        "linear causal": lambda q, k, v: attnkit.linear_attention(q, k, v, causal=True),
+        "linear padded": lambda q, k, v: attnkit.linear_attention(q, k, v, mask=masks.key_padding(lengths)),
+        "performer causal": lambda q, k, v: attnkit.performer_attention(q, k, v, projection=proj.to(q), causal=True),
+        "performer": lambda q, k, v: attnkit.performer_attention(q, k, v, projection=proj.to(q)),
+        "linformer": lambda q, k, v: attnkit.linformer_attention(q, k, v, e.to(q)),
+        "nystrom": lambda q, k, v: attnkit.nystrom_attention(q, k, v, num_landmarks=64, mask=masks.key_padding(lengths)),
+        "lsh causal": lambda q, k, v: attnkit.lsh_attention(k, v, n_hashes=4, bucket_size=32, causal=True, seed=7),
+    }
+    for name, fn in fns.items():
+        ins64 = [_rand(B, H, N, D, dtype=torch.float64, seed=s).requires_grad_(True) for s in (11, 12, 13)]
+        go = _rand(B, H, N, D, dtype=torch.float64, seed=14)
+        out64 = fn(*ins64)
+        g64 = torch.autograd.grad(out64, ins64, go, allow_unused=True)
+        ins = [t.detach().float().requires_grad_(True) for t in ins64]
+        out = fn(*ins)
+        g = torch.autograd.grad(out, ins, go.float(), allow_unused=True)
+        errs = [_excess(out, out64, torch.float32, "flex", grad=False)]
+        errs += [_excess(a, b, torch.float32, "flex", grad=True) for a, b in zip(g, g64) if a is not None]
+        ok = max(errs) <= 1.0
+        report.append({"case": name, "dtype": "torch.float32", "backend": "variant", "worst_err_over_tol": round(max(errs), 4),
+                       "status": "ok" if ok else "FAIL"})
+        print(report[-1], flush=True)
+        if not ok:
+            failures.append(f"{name}: error {max(errs):.3g} x tolerance")
+
+
+def _time(fn, reps=5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def run_timings(rows: list, N: int) -> None:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+    B, H, D, dt = 1, 16, 64, torch.bfloat16
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, dtype=dt, requires_grad=True) for _ in range(3))
+    ids = (torch.arange(N, device=DEV) // 2048)
+    slopes = alibi_slopes(H, dtype=torch.float32, device=DEV)
+    cases = {
+        "causal": (masks.causal(), None, lambda b, h, i, j: i >= j, None),
+        "swa256": (masks.sliding_window(255), None, lambda b, h, i, j: (i >= j) & (i - j < 256), None),
+        "docmask": (masks.document(ids) & masks.causal(), None, lambda b, h, i, j: (ids[i] == ids[j]) & (i >= j), None),
+        "alibi causal": (masks.causal(), ALiBi(H, slopes=slopes), lambda b, h, i, j: i >= j,
+                         lambda s, b, h, i, j: s - slopes[h] * (i - j)),
+    }
+    for name, (mask, bias, mask_mod, score_mod) in cases.items():
+        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=DEV)
+        dense = mask.to_dense(1, 1, N, N) if name != "causal" else None
+
+        def run(impl, bwd):
+            def f():
+                if impl == "sdpa":
+                    if bias is None:
+                        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=dense is None, attn_mask=dense)
+                    else:
+                        i = torch.arange(N, device=DEV)
+                        bm_ = (-slopes.view(H, 1, 1) * (i.view(-1, 1) - i.view(1, -1))).to(dt).masked_fill(i.view(-1, 1) < i.view(1, -1), float("-inf"))
+                        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bm_)
+                elif impl == "flex":
+                    o = flex(q, k, v, score_mod=score_mod, block_mask=bm)
+                else:
+                    o = attnkit.attention(q, k, v, mask=mask, bias=bias, backend=impl)
+                if bwd:
+                    o.sum().backward()
+                return o
+            return f
+
+        for bwd in (False, True):
+            res = {}
+            for impl in ("sdpa", "flex", "auto", "blockwise"):
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = _time(run(impl, bwd))
+                    res[impl] = (ms, torch.cuda.max_memory_allocated() / 2 ** 20)
+                except Exception as e:  # noqa: BLE001 - report, keep going
+                    res[impl] = (float("nan"), float("nan"))
+                    print(f"timing {name} {impl}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            for impl, (ms, mib) in res.items():
+                rows.append({"case": name, "mode": "fwd+bwd" if bwd else "fwd", "impl": impl, "ms": round(ms, 3),
+                             "peak_mib": round(mib, 1), "x_sdpa": round(ms / res["sdpa"][0], 3)})
+                print(rows[-1], flush=True)
+        q.grad = k.grad = v.grad = None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=".")
+    p.add_argument("--size", type=int, default=16384, help="N for the timing part")
+    p.add_argument("--skip-timings", action="store_true")
+    p.add_argument("--device", default="cuda", help="cpu runs parts 1-2 only (a dry run of this script)")
+    a = p.parse_args(argv)
+    global DEV
+    DEV = a.device
+    if DEV == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    report, failures, timings = [], [], []
+    run_exact(report, failures)
+    run_longrange(report, failures)
+    if not a.skip_timings and DEV == "cuda":
+        run_timings(timings, a.size)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
+    (out / "gpu_check.json").write_text(json.dumps({"info": info, "exact": report, "timings": timings,
+                                                    "failures": failures}, indent=1))
+    lines = [f"# GPU check on {info['device']}, torch {info['torch']}", "",
+             "| case | dtype | backend | chosen | error / tolerance | status |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['dtype']} | {r['backend']} | {r.get('chosen', '')} | {r.get('worst_err_over_tol', '')} | {r['status']} |"
+              for r in report]
+    lines += ["", "| case | mode | impl | ms | peak MiB | x sdpa |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['mode']} | {r['impl']} | {r['ms']} | {r['peak_mib']} | {r['x_sdpa']} |" for r in timings]
+    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print(f"{len(failures)} failures in {info['seconds']} s", *failures, sep="\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
