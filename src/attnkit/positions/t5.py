@@ -122,7 +122,7 @@ class T5Bias(Bias):
     def __call__(self, b, h, q, k) -> torch.Tensor:
         if h.device.type == "cpu" and h.numel() and int(h.max()) >= self.num_heads:
             raise ValueError(f"T5Bias table has {self.num_heads} heads but was asked for head {int(h.max())}")
-        table = self.table if self.table.device == q.device else self.table.to(q.device)
+        table = self._table(q.device)
         if 2 * self.max_distance > LUT_LIMIT:  # a lookup table would outgrow any input: bucket directly
             return table[t5_relative_bucket(k - q, self.bidirectional, self.num_buckets, self.max_distance), h]
         lut, c = self._lut(q.device)
@@ -132,10 +132,15 @@ class T5Bias(Bias):
 
     translation_invariant = True
 
+    def _table(self, device) -> torch.Tensor:
+        """The table on ``device`` in at least float32, so that a half-precision table's gradient
+        (a sum over every query-key pair of a bucket) accumulates in float32 and is rounded once."""
+        return self.table.to(device=device, dtype=torch.promote_types(self.table.dtype, torch.float32))
+
     def relative(self, h, r) -> torch.Tensor:
         """table[bucket(r), h] for offsets r = k - q (what ``__call__`` gives for k - q = r)."""
         lut, c = self._lut(r.device)
-        table = self.table if self.table.device == r.device else self.table.to(r.device)
+        table = self._table(r.device)
         return table[lut[(r + c).clamp(0, 2 * c)], h]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
