@@ -160,8 +160,52 @@ def run_longrange(report: list, failures: list) -> None:
                 failures.append(f"{name} {what}: error {max(errs):.3g} x tolerance")
 
 
+def run_transformers(report: list, failures: list) -> None:
+    """A small random Mistral (sliding window, GQA) on the device: attnkit's logits equal sdpa's on a
+    left-padded batch, and greedy generate gives the same tokens."""
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM, MistralConfig
+
+        import attnkit.integrations.transformers as akt
+    except ImportError as e:
+        report.append({"case": "transformers", "dtype": "", "backend": "attnkit", "status": f"n/a: {e}"})
+        return
+    akt.register()
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=2, sliding_window=48)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(DEV).eval()
+    ids = torch.randint(1, 256, (3, 150), device=DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    mask[2, :140] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        gen_want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        model.set_attn_implementation("attnkit")
+        got = model(ids, attention_mask=mask).logits
+        gen_got = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    real = mask.bool()
+    err = _excess(got[real], want[real].double(), torch.float32, "flex", grad=False)
+    ok = err <= 1.0 and torch.equal(gen_got, gen_want)
+    report.append({"case": f"transformers {transformers.__version__} Mistral padded (logits, generate)", "dtype": "torch.float32",
+                   "backend": "attnkit", "worst_err_over_tol": round(err, 4), "status": "ok" if ok else "FAIL"})
+    print(report[-1], flush=True)
+    if not ok:
+        failures.append(f"transformers: logits error {err:.3g} x tolerance, generate equal: {torch.equal(gen_got, gen_want)}")
+
+
 def _time(fn, reps=5) -> float:
+    """Median milliseconds (CUDA events; wall clock on CPU, for a dry run)."""
     fn()
+    if DEV != "cuda":
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(ts)
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
@@ -190,33 +234,25 @@ def run_timings(rows: list, N: int) -> None:
     }
     for name, (mask, bias, mask_mod, score_mod) in cases.items():
         bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=DEV)
-        dense = mask.to_dense(1, 1, N, N) if name != "causal" else None
-
-        def run(impl, bwd):
-            def f():
-                if impl == "sdpa":
-                    if bias is None:
-                        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=dense is None, attn_mask=dense)
-                    else:
-                        i = torch.arange(N, device=DEV)
-                        bm_ = (-slopes.view(H, 1, 1) * (i.view(-1, 1) - i.view(1, -1))).to(dt).masked_fill(i.view(-1, 1) < i.view(1, -1), float("-inf"))
-                        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bm_)
-                elif impl == "flex":
-                    o = flex(q, k, v, score_mod=score_mod, block_mask=bm)
-                else:
-                    o = attnkit.attention(q, k, v, mask=mask, bias=bias, backend=impl)
-                if bwd:
-                    o.sum().backward()
-                return o
-            return f
-
+        if bias is not None:  # sdpa's form of a bias: one float mask with -inf, built once
+            sdpa_mask = bias.to_dense(N, N, heads=H, device=DEV).to(dt).masked_fill(~mask.to_dense(N, N, device=DEV), float("-inf"))
+        else:
+            sdpa_mask = mask.to_dense(N, N, device=DEV) if name != "causal" else None
+        calls = {
+            "sdpa": lambda sdpa_mask=sdpa_mask: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=sdpa_mask is None, attn_mask=sdpa_mask),
+            "flex": lambda bm=bm, score_mod=score_mod: flex(q, k, v, score_mod=score_mod, block_mask=bm),
+            "auto": lambda mask=mask, bias=bias: attnkit.attention(q, k, v, mask=mask, bias=bias),
+            "blockwise": lambda mask=mask, bias=bias: attnkit.attention(q, k, v, mask=mask, bias=bias, backend="blockwise"),
+        }
         for bwd in (False, True):
             res = {}
-            for impl in ("sdpa", "flex", "auto", "blockwise"):
+            for impl, call in calls.items():
                 try:
-                    torch.cuda.reset_peak_memory_stats()
-                    ms = _time(run(impl, bwd))
-                    res[impl] = (ms, torch.cuda.max_memory_allocated() / 2 ** 20)
+                    if DEV == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    ms = _time(lambda call=call, bwd=bwd: _step(call, bwd))
+                    res[impl] = (ms, torch.cuda.max_memory_allocated() / 2 ** 20 if DEV == "cuda" else float("nan"))
                 except Exception as e:  # noqa: BLE001 - report, keep going
                     res[impl] = (float("nan"), float("nan"))
                     print(f"timing {name} {impl}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -225,6 +261,15 @@ def run_timings(rows: list, N: int) -> None:
                              "peak_mib": round(mib, 1), "x_sdpa": round(ms / res["sdpa"][0], 3)})
                 print(rows[-1], flush=True)
         q.grad = k.grad = v.grad = None
+        del sdpa_mask
+
+
+def _step(call, bwd: bool):
+    with torch.set_grad_enabled(bwd):  # fwd: inference, as peers measure it
+        out = call()
+        if bwd:
+            out.sum().backward()
+    return out
 
 
 def main(argv=None) -> int:
@@ -232,7 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=".")
     p.add_argument("--size", type=int, default=16384, help="N for the timing part")
     p.add_argument("--skip-timings", action="store_true")
-    p.add_argument("--device", default="cuda", help="cpu runs parts 1-2 only (a dry run of this script)")
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (use a small --size)")
     a = p.parse_args(argv)
     global DEV
     DEV = a.device
@@ -243,7 +288,8 @@ def main(argv=None) -> int:
     report, failures, timings = [], [], []
     run_exact(report, failures)
     run_longrange(report, failures)
-    if not a.skip_timings and DEV == "cuda":
+    run_transformers(report, failures)
+    if not a.skip_timings:
         run_timings(timings, a.size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
