@@ -145,7 +145,13 @@ def run_longrange(report: list, failures: list) -> None:
         return [out] + [g for g in grads if g is not None]
 
     for name, fn in fns.items():
-        dev64 = run(fn, DEV, torch.float64)
+        try:
+            dev64 = run(fn, DEV, torch.float64)
+        except Exception as e:  # noqa: BLE001 - a failure to run on the device is a finding
+            report.append({"case": name, "dtype": "torch.float64", "backend": "variant", "status": f"FAIL: {type(e).__name__}: {e}"[:200]})
+            failures.append(report[-1]["case"] + ": " + report[-1]["status"])
+            print(report[-1], flush=True)
+            continue
         checks = [("float64 vs cpu", run(fn, "cpu", torch.float64), torch.float64)]
         if not name.startswith("lsh"):
             checks.append(("float32 vs float64", [t.to(torch.float64) for t in dev64], torch.float32))

@@ -160,9 +160,10 @@ def _lsh_group(qk, v, buckets, valid, c: int, causal: bool, scale: float):
         blocked = (kp >= qp) if causal else (kp == qp)  # (G, RC, c, W)
         blocked |= ~kv_ok
         has_other = ~blocked.all(dim=-1)  # (G, RC, c)
-        any_other = torch.zeros(G, N + 1, dtype=torch.bool, device=dev)
-        any_other.scatter_reduce_(1, perm.reshape(G, -1), has_other.view(G, -1), reduce="amax")
-        self_needed = kvalid & ~any_other.gather(1, perm.reshape(G, -1)).view(G, RC, c)
+        # OR over a position's rounds as a uint8 amax: CUDA has no scatter_reduce for bool
+        any_other = torch.zeros(G, N + 1, dtype=torch.uint8, device=dev)
+        any_other.scatter_reduce_(1, perm.reshape(G, -1), has_other.view(G, -1).to(torch.uint8), reduce="amax")
+        self_needed = kvalid & ~any_other.gather(1, perm.reshape(G, -1)).view(G, RC, c).bool()
         row_empty = ~has_other & ~self_needed
     s = s.masked_fill(blocked, float("-inf"))
     if bool(self_needed.any()) or bool(row_empty.any()):
