@@ -232,24 +232,32 @@ def run_timings(rows: list, N: int) -> None:
     ids = (torch.arange(N, device=DEV) // 2048)
     slopes = alibi_slopes(H, dtype=torch.float32, device=DEV)
     cases = {
+        "dense": (None, None, None, None),
         "causal": (masks.causal(), None, lambda b, h, i, j: i >= j, None),
         "swa256": (masks.sliding_window(255), None, lambda b, h, i, j: (i >= j) & (i - j < 256), None),
         "docmask": (masks.document(ids) & masks.causal(), None, lambda b, h, i, j: (ids[i] == ids[j]) & (i >= j), None),
         "alibi causal": (masks.causal(), ALiBi(H, slopes=slopes), lambda b, h, i, j: i >= j,
                          lambda s, b, h, i, j: s - slopes[h] * (i - j)),
+        "softcap 30 causal": (masks.causal(), None, lambda b, h, i, j: i >= j,
+                              lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)),
     }
     for name, (mask, bias, mask_mod, score_mod) in cases.items():
-        bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=DEV)
-        if bias is not None:  # sdpa's form of a bias: one float mask with -inf, built once
+        softcap = 30.0 if name.startswith("softcap") else None
+        bm = None if mask_mod is None else create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=DEV)
+        if softcap is not None:  # sdpa has no softcap: materialise capped scores as the eager form would
+            sdpa_mask = "eager"
+        elif mask is None:
+            sdpa_mask = None
+        elif bias is not None:  # sdpa's form of a bias: one float mask with -inf, built once
             sdpa_mask = bias.to_dense(N, N, heads=H, device=DEV).to(dt).masked_fill(~mask.to_dense(N, N, device=DEV), float("-inf"))
         else:
-            sdpa_mask = mask.to_dense(N, N, device=DEV) if name != "causal" else None
+            sdpa_mask = mask.to_dense(N, N, device=DEV) if name != "causal" else "causal"
         calls = {
-            "sdpa": lambda sdpa_mask=sdpa_mask: torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=sdpa_mask is None, attn_mask=sdpa_mask),
+            "sdpa": lambda sdpa_mask=sdpa_mask, softcap=softcap: _sdpa(q, k, v, sdpa_mask, softcap),
             "flex": lambda bm=bm, score_mod=score_mod: flex(q, k, v, score_mod=score_mod, block_mask=bm),
-            "auto": lambda mask=mask, bias=bias: attnkit.attention(q, k, v, mask=mask, bias=bias),
-            "blockwise": lambda mask=mask, bias=bias: attnkit.attention(q, k, v, mask=mask, bias=bias, backend="blockwise"),
+            "auto": lambda mask=mask, bias=bias, softcap=softcap: attnkit.attention(q, k, v, mask=mask, bias=bias, softcap=softcap),
+            "blockwise": lambda mask=mask, bias=bias, softcap=softcap: attnkit.attention(
+                q, k, v, mask=mask, bias=bias, softcap=softcap, backend="blockwise"),
         }
         for bwd in (False, True):
             res = {}
@@ -268,6 +276,19 @@ def run_timings(rows: list, N: int) -> None:
                 print(rows[-1], flush=True)
         q.grad = k.grad = v.grad = None
         del sdpa_mask
+
+
+def _sdpa(q, k, v, how, softcap):
+    """sdpa's fastest legal call: is_causal, a dense mask/bias, or (softcap) the eager formula."""
+    if how == "causal":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(how, str):  # eager softcap: what a model without a softcap kernel runs
+        s = torch.matmul(q, k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        s = softcap * torch.tanh(s / softcap)
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), v)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=how)
 
 
 def _step(call, bwd: bool):
