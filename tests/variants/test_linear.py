@@ -119,6 +119,25 @@ def test_prefill_then_steps_equals_full_pass():
     assert_close(torch.cat([out0, out1, out2], dim=2), full, backend="blockwise")
 
 
+def test_gradients_flow_through_the_carried_state():
+    """The causal function takes the earlier keys' sums and returns the new ones; both carry
+    gradients (prefill, then a continuation, with the final state in the loss)."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        o1, st = linear_attention(q[:, :, :4], k[:, :, :4], v[:, :, :4], causal=True, chunk_size=2, return_state=True)
+        o2, st = linear_attention(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], causal=True, chunk_size=3, state=st,
+                                  return_state=True)
+        return o1, o2, st.kv, st.k_sum
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    o1, o2, kv, z = f(q, k, v)
+    assert_close(torch.cat([o1, o2], dim=2), naive_linear(q, k, v, causal=True))
+    assert_close(kv, elu_plus_one(k).transpose(-1, -2) @ v)
+    assert_close(z, elu_plus_one(k).sum(dim=2))
+
+
 def test_noncausal_state_adds_earlier_keys():
     g = torch.Generator().manual_seed(6)
     q = torch.randn(1, 2, 3, 4, generator=g, dtype=torch.float64)

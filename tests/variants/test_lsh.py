@@ -112,14 +112,45 @@ def test_matches_naive_bucketed_algorithm_forward_backward(B, H, N, D, Dv, R, nb
         torch.testing.assert_close(a, b, **tol(F64, grad=True))
 
 
-def test_checkpointed_groups_give_the_same_numbers():
+def test_head_groups_give_the_same_numbers():
     qk, v, _ = inputs(2, 3, 19, 4, 4, 1)
     kw = dict(n_hashes=2, bucket_size=4, seed=3, causal=True)
-    a = lsh_attention(qk, v, heads_per_group=1, **kw)  # six groups under checkpointing
-    b = lsh_attention(qk, v, heads_per_group=6, **kw)  # one group, no checkpointing
+    a = lsh_attention(qk, v, heads_per_group=1, **kw)  # six groups, each hashed, sorted and masked alone
+    b = lsh_attention(qk, v, heads_per_group=6, **kw)  # one group
     torch.testing.assert_close(a, b, **tol(F64))
     for x, y in zip(grads(a, (qk, v)), grads(b, (qk, v))):
         torch.testing.assert_close(x, y, **tol(F64, grad=True))
+
+
+@pytest.mark.parametrize("N, c, R, nb", [(24, 4, 3, 4), (16, 2, 2, 8), (32, 8, 1, 4), (40, 4, 4, 2)])
+def test_shared_window_mask_path_matches_naive(N, c, R, nb):
+    """No causal, no padding, N % c == 0, c >= 2: every window shares one broadcast mask and only the
+    first chunk of each round (whose look-back is the previous round) gets its own."""
+    qk, v, g = inputs(2, 2, N, 5, 3, N + c + R)
+    rot = torch.randn(5, R, nb // 2, generator=g, dtype=F64)
+    out = lsh_attention(qk, v, n_hashes=R, n_buckets=nb, bucket_size=c, rotations=rot)
+    ref = naive_lsh(qk, v, rot, nb, c)
+    torch.testing.assert_close(out, ref, **tol(F64))
+    for a, b in zip(grads(out, (qk, v)), grads(ref, (qk, v))):
+        torch.testing.assert_close(a, b, **tol(F64, grad=True))
+
+
+@pytest.mark.parametrize("causal, padded, N, c", [(False, False, 24, 4), (True, False, 19, 4), (False, True, 21, 3),
+                                                  (True, True, 16, 2)])
+def test_matmul_chunk_kernel_equals_the_flash_kernel(monkeypatch, causal, padded, N, c):
+    """Off CPU the chunks run through plain matmuls; on CPU through torch's fused flash kernel. Same
+    plan, same numbers (forward and backward)."""
+    from attnkit.variants import lsh_chunks
+
+    qk, v, g = inputs(2, 2, N, 4, 4, 7)
+    kp = masks.key_padding(torch.tensor([N, N - 5])) if padded else None
+    kw = dict(n_hashes=3, n_buckets=4, bucket_size=c, causal=causal, mask=kp, seed=1)
+    flash = lsh_attention(qk, v, **kw)
+    monkeypatch.setattr(lsh_chunks, "_use_flash", lambda x: False)
+    plain = lsh_attention(qk, v, **kw)
+    torch.testing.assert_close(plain, flash, **tol(F64))
+    for a, b in zip(grads(plain, (qk, v)), grads(flash, (qk, v))):
+        torch.testing.assert_close(a, b, **tol(F64, grad=True))
 
 
 def test_float32_matches_float64_naive_on_the_same_buckets():

@@ -120,6 +120,16 @@ def g_step(e):
     return e ** 3 * (3 + e) / 4
 
 
+@pytest.mark.parametrize("init", ["per_matrix", "global"])
+def test_pinv_backward_is_the_derivative_of_the_iteration(init):
+    """The iteration has a hand-written backward; gradcheck it (and the init's own gradient) in float64.
+    (Not on a softmax matrix: its row sums tie at 1, where the init's max is not differentiable.)"""
+    g = torch.Generator().manual_seed(3)
+    a = (torch.rand(2, 2, 7, 7, generator=g, dtype=torch.float64) + torch.eye(7, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: iterative_pinv(x, 3, init), (a,))
+    assert torch.autograd.gradcheck(lambda x: iterative_pinv(x, 0, init), (a,))
+
+
 def test_pinv_error_follows_the_third_order_law():
     """||I - A Z_t||_2 = g^t(1 - c sigma_min^2) with g(e) = e^3 (3 + e) / 4 (A Z_0 is symmetric PSD)."""
     g = torch.Generator().manual_seed(0)

@@ -94,6 +94,31 @@ def test_causal_parallel_equals_steps_and_prefill(hq, hk):
     assert_close(torch.cat([o1, o2], 2), par, backend="blockwise")
 
 
+@pytest.mark.parametrize("hq, hk", [(2, 2), (4, 2)])
+def test_fused_noncausal_path_equals_the_autograd_path(hq, hk):
+    """Non-causal, robust stabiliser, eps = 0 runs a fused function with a hand-written backward; a
+    projection that requires grad takes the autograd path (which also gives its gradient). Same
+    numbers, with padding and garbage (huge keys, NaN values) in the padded slots."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, hq, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, hk, 11, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    k[1, :, 8:], v[1, :, 8:] = 1e3, float("nan")
+    k.requires_grad_()
+    v.requires_grad_()
+    w = _proj(20, 6)
+    mask = M.key_padding(torch.tensor([11, 8]))
+    fused = performer_attention(q, k, v, projection=w, mask=mask)
+    auto = performer_attention(q, k, v, projection=w.clone().requires_grad_(), mask=mask)
+    assert torch.isfinite(fused).all()
+    assert_close(fused, auto)
+    gout = torch.randn(fused.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(fused, (q, k, v), gout), torch.autograd.grad(auto, (q, k, v), gout)):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, grad=True)
+    clean = performer_attention(q[1:], k[1:, :, :8], v[1:, :, :8], projection=w)
+    assert_close(fused[1:], clean)
+
+
 def test_error_vs_softmax_shrinks_as_features_grow():
     g = torch.Generator().manual_seed(3)
     q, k, v = (0.5 * torch.randn(2, 4, 64, 16, generator=g, dtype=torch.float64) for _ in range(3))

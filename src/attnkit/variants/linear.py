@@ -23,6 +23,7 @@ key returns zeros and gets zero gradient. Half/bfloat16 inputs are computed in f
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,6 +102,13 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor
     return torch.where(ok.unsqueeze(-1), num / safe.unsqueeze(-1), torch.zeros_like(num))
 
 
+def _safe_reciprocal(den: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """1 / (den + eps) for den >= 0, and 0 where den + eps == 0 (a query with no allowed key: its
+    numerator is 0 too, so its output is 0, and every gradient term of that row is multiplied by a
+    zero feature). Two ops: the reciprocal and an in-place inf -> 0."""
+    return (den + eps if eps else den).reciprocal().nan_to_num_(nan=0.0, posinf=0.0)
+
+
 def _check_state(state: LinearState | None, phi_q: torch.Tensor, dv: int) -> None:
     if state is None:
         return
@@ -110,38 +118,97 @@ def _check_state(state: LinearState | None, phi_q: torch.Tensor, dv: int) -> Non
                          f"expected (B, Hq, F, Dv) = {(B, H, Fd, dv)} and (B, Hq, F) = {(B, H, Fd)}")
 
 
-def _causal_chunked(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor, kv0: torch.Tensor | None,
-                    z0: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Aligned causal part: pq, pk (B, H, L, F), v (B, H, L, Dv); query i sees keys j <= i and the state.
+def _exclusive_prefix(x: torch.Tensor, first: torch.Tensor | None, reverse: bool = False) -> torch.Tensor:
+    """x (BH, T, F, W) -> P (BH, T, F, W) with P[:, t] = first + sum of x[:, t'] over t' < t (t' > t if reverse).
 
-    kv0 (B, H, F, Dv) and z0 (B, H, F) are the sums of earlier keys (None = no earlier keys).
-    Returns num (B, H, L, Dv), den (B, H, L), final kv (B, H, F, Dv), final z (B, H, F).
+    Two-level scan by matmuls with 0/1 triangular matrices: within blocks of b ~ sqrt(T) chunk
+    states, then across the T / b block totals; a handful of ops whatever T (a Python loop over T
+    costs an op per chunk, and torch.cumsum over a middle dim is several times a copy on CPU).
     """
-    B, H, L, Fd = pq.shape
-    Dv = v.shape[-1]
-    C = max(1, min(chunk, L))
-    T = -(-L // C)
-    pad = T * C - L
-    if pad:
-        pq, pk, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (pq, pk, v))  # zero keys add nothing
-    qc = pq.reshape(B * H * T, C, Fd)                                 # (B H T, C, F)
-    kc = pk.reshape(B * H * T, C, Fd)                                 # (B H T, C, F)
-    vc = v.reshape(B * H * T, C, Dv)                                  # (B H T, C, Dv)
-    kv_c = torch.bmm(kc.transpose(1, 2), vc).view(B, H, T, Fd, Dv)    # (B, H, T, F, Dv) per chunk
-    z_c = kc.view(B, H, T, C, Fd).sum(dim=3)                          # (B, H, T, F)
-    if kv0 is None:
-        kv0, z0 = kv_c.new_zeros(B, H, 1, Fd, Dv), z_c.new_zeros(B, H, 1, Fd)
-    else:
-        kv0, z0 = kv0.unsqueeze(2), z0.unsqueeze(2)
-    # sums of the keys before chunk t (exclusive prefix sums, starting from the state)
-    kv_prev = torch.cumsum(torch.cat([kv0, kv_c[:, :, :-1]], dim=2), dim=2)  # (B, H, T, F, Dv)
-    z_prev = torch.cumsum(torch.cat([z0, z_c[:, :, :-1]], dim=2), dim=2)     # (B, H, T, F)
-    a = torch.bmm(qc, kc.transpose(1, 2)).tril_()                     # (B H T, C, C), causal inside the chunk
-    num = torch.baddbmm(torch.bmm(qc, kv_prev.view(B * H * T, Fd, Dv)), a, vc)  # (B H T, C, Dv)
-    den = a.sum(dim=-1) + torch.bmm(qc, z_prev.view(B * H * T, Fd, 1)).squeeze(-1)  # (B H T, C)
-    num = num.view(B, H, T * C, Dv)[:, :, :L]                         # (B, H, L, Dv)
-    den = den.view(B, H, T * C)[:, :, :L]                             # (B, H, L)
-    return num, den, kv_prev[:, :, -1] + kv_c[:, :, -1], z_prev[:, :, -1] + z_c[:, :, -1]
+    BH, T = x.shape[:2]
+    shape = x.shape
+    b = max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+    nb = -(-T // b)
+    xf = x.reshape(BH, T, -1)                                             # (BH, T, X)
+    if nb * b > T:
+        xf = F.pad(xf, (0, 0, 0, nb * b - T))                            # zero states add nothing
+    xb = xf.view(BH, nb, b, -1)                                           # (BH, nb, b, X)
+    tri_b = torch.ones(nb, nb, dtype=x.dtype, device=x.device)
+    tri_b = tri_b.triu(1) if reverse else tri_b.tril(-1)                  # strict: exclusive
+    off = torch.bmm(tri_b.expand(BH, nb, nb), xb.sum(dim=2))             # (BH, nb, X) sums of the other blocks
+    if first is not None:
+        off += first.reshape(BH, 1, -1)
+    tri = torch.ones(b, b, dtype=x.dtype, device=x.device)
+    tri = tri.triu(1) if reverse else tri.tril(-1)
+    within = torch.baddbmm(off.view(BH * nb, 1, -1), tri.expand(BH * nb, b, b), xb.reshape(BH * nb, b, -1))
+    out = within.view(BH, nb * b, -1)
+    return (out[:, :T].contiguous() if nb * b > T else out).view(shape)
+
+
+class _CausalLinear(torch.autograd.Function):
+    """Causal linear attention on features, chunked, with a hand-written backward.
+
+    pq, pk (B, H, L, F) >= 0, va = [v | 1] (B, H, L, Dv + 1) (rows of padded keys zero, ones column
+    included), s0 (B, H, F, Dv + 1) the sums of earlier keys or None. Query i sees keys j <= i.
+    Per chunk t of C positions (the tail padded with zero rows):
+        S_t = K_t^T Va_t,  P_t = s0 + sum_{t' < t} S_t'  (exclusive prefix, ``_exclusive_prefix``),
+        A_t = tril(Q_t K_t^T),  [num | den] = Q_t P_t + A_t Va_t   (numerator and normaliser together),
+        out = num / (den + eps), 0 where den = 0.
+    Returns out (B, H, L, Dv) and the final sums s0 + sum_t S_t (B, H, F, Dv + 1).
+    Backward, with G = [dout / (den + eps) | -(dout . out) / (den + eps)], dA = tril(G Va^T) and
+    R_t = dfinal + sum_{t' > t} Q_t'^T G_t' (reverse exclusive prefix):
+        dQ = G P^T + dA K,  dK = Va R^T + dA^T Q,  dVa = K R + A^T G,  ds0 = R_0 + Q_0^T G_0.
+    Saves Q, K, Va, A, P, 1 / (den + eps) and out: O(N (F + Dv + C)) memory, 4 batched matmuls
+    forward and 8 backward.
+    """
+
+    @staticmethod
+    def forward(ctx, pq, pk, va, s0, chunk: int, eps: float):
+        B, H, L, Fd = pq.shape
+        Dw = va.shape[-1]
+        C = max(1, min(chunk, L))
+        T = -(-L // C)
+        pad = T * C - L
+        if pad:  # zero keys add nothing; zero queries get den = 0 and are cut off
+            pq, pk, va = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, va))
+        n = B * H * T
+        q, k, w = pq.reshape(n, C, Fd), pk.reshape(n, C, Fd), va.reshape(n, C, Dw)  # (B H T, C, .)
+        s = torch.bmm(k.transpose(1, 2), w).view(B * H, T, Fd, Dw)        # (B H, T, F, Dv + 1) per chunk
+        p = _exclusive_prefix(s, None if s0 is None else s0.reshape(B * H, Fd, Dw))
+        final = (p[:, -1] + s[:, -1]).view(B, H, Fd, Dw)
+        a = torch.bmm(q, k.transpose(1, 2)).tril_()                        # (B H T, C, C)
+        nd = torch.bmm(q, p.view(n, Fd, Dw)).baddbmm_(a, w)                 # (B H T, C, Dv + 1)
+        nd = nd.view(B, H, T * C, Dw)[:, :, :L]                             # (B, H, L, Dv + 1)
+        den = nd[..., -1]
+        inv = _safe_reciprocal(den, eps)
+        out = nd[..., :-1] * inv.unsqueeze(-1)                              # (B, H, L, Dv)
+        ctx.save_for_backward(q, k, w, a, p, inv, out)
+        ctx.has_s0 = s0 is not None
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        q, k, w, a, p, inv, out = ctx.saved_tensors
+        B, H, L, Dv = out.shape
+        n, C, Fd = q.shape
+        Dw, T = Dv + 1, n // (B * H)
+        g = out.new_zeros(B, H, T * C, Dw) if T * C > L else out.new_empty(B, H, L, Dw)  # [dnum | dden]
+        if dout is not None:
+            torch.mul(dout, inv.unsqueeze(-1), out=g[:, :, :L, :Dv])
+            g[:, :, :L, Dv] = (dout * out).sum(dim=-1).mul_(inv).neg_()
+        else:
+            g.zero_()
+        g = g.view(n, C, Dw)
+        da = torch.bmm(g, w.transpose(1, 2)).tril_()                        # (B H T, C, C)
+        dq = torch.bmm(g, p.view(n, Fd, Dw).transpose(1, 2)).baddbmm_(da, k)  # (B H T, C, F)
+        qg = torch.bmm(q.transpose(1, 2), g).view(B * H, T, Fd, Dw)        # (B H, T, F, Dv + 1)
+        r = _exclusive_prefix(qg, None if dfinal is None else dfinal.reshape(B * H, Fd, Dw), reverse=True)
+        ds0 = (r[:, 0] + qg[:, 0]).view(B, H, Fd, Dw) if ctx.has_s0 else None
+        r = r.view(n, Fd, Dw)
+        dk = torch.bmm(w, r.transpose(1, 2)).baddbmm_(da.transpose(1, 2), q)  # (B H T, C, F)
+        dw = torch.bmm(k, r).baddbmm_(a.transpose(1, 2), g)                 # (B H T, C, Dv + 1)
+        cut = lambda x: x.view(B, H, T * C, x.shape[-1])[:, :, :L]  # noqa: E731
+        return cut(dq), cut(dk), cut(dw), ds0, None, None
 
 
 def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -167,38 +234,36 @@ def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
     if causal and state is not None and Nq != Nk:
         raise ValueError(f"causal linear attention with a state needs Nq == Nk (one query per new key), got {Nq} and {Nk}")
     pk = expand_kv(phi_k, Hq // Hk)                               # (B, Hq, Nk, F)
-    vv = expand_kv(v, Hq // Hk)                                   # (B, Hq, Nk, Dv)
+    ones = torch.ones((), dtype=v.dtype, device=v.device).expand(*v.shape[:-1], 1)
+    va = expand_kv(torch.cat([v, ones], dim=-1), Hq // Hk)          # (B, Hq, Nk, Dv + 1): [v | 1]
     if key_valid is not None:
         valid = key_valid.unsqueeze(-1)                               # (B', H', Nk, 1)
         pk = torch.where(valid, pk, torch.zeros((), dtype=pk.dtype, device=pk.device))
-        vv = torch.where(valid, vv, torch.zeros((), dtype=vv.dtype, device=vv.device))
+        va = torch.where(valid, va, torch.zeros((), dtype=va.dtype, device=va.device))
     if state is None:
-        kv0 = z0 = None
+        s0 = None
         length0 = 0
-    else:
-        kv0, z0, length0 = state.kv.to(phi_q.dtype), state.k_sum.to(phi_q.dtype), state.length
+    else:  # [kv | k_sum]
+        s0 = torch.cat([state.kv.to(phi_q.dtype), state.k_sum.to(phi_q.dtype).unsqueeze(-1)], dim=-1)
+        length0 = state.length
     if not causal:
-        kv = torch.matmul(pk.transpose(-1, -2), vv)                   # (B, Hq, F, Dv)
-        z = pk.sum(dim=-2)                                            # (B, Hq, F)
-        if kv0 is not None:
-            kv, z = kv + kv0, z + z0
-        num = torch.matmul(phi_q, kv)                                 # (B, Hq, Nq, Dv)
-        den = torch.matmul(phi_q, z.unsqueeze(-1)).squeeze(-1)        # (B, Hq, Nq)
-        out = _normalise(num, den, eps)
+        s = torch.matmul(pk.transpose(-1, -2), va)                    # (B, Hq, F, Dv + 1): [kv | z]
+        if s0 is not None:
+            s = s + s0
+        nd = torch.matmul(phi_q, s)                                   # (B, Hq, Nq, Dv + 1): [num | den]
+        out = _normalise(nd[..., :Dv], nd[..., Dv], eps)
     else:
         off = Nk - Nq
         if off > 0:  # keys before the first query: every query sees them
-            kv_pre = torch.matmul(pk[:, :, :off].transpose(-1, -2), vv[:, :, :off])    # (B, Hq, F, Dv)
-            z_pre = pk[:, :, :off].sum(dim=-2)                                         # (B, Hq, F)
-            kv0, z0 = (kv_pre, z_pre) if kv0 is None else (kv0 + kv_pre, z0 + z_pre)
+            pre = torch.matmul(pk[:, :, :off].transpose(-1, -2), va[:, :, :off])    # (B, Hq, F, Dv + 1)
+            s0 = pre if s0 is None else s0 + pre
         lead = max(0, -off)  # queries before the first key see nothing (bottom-right alignment)
-        num, den, kv, z = _causal_chunked(phi_q[:, :, lead:], pk[:, :, max(off, 0):], vv[:, :, max(off, 0):],
-                                          kv0, z0, chunk_size)
-        out = _normalise(num, den, eps)                               # (B, Hq, Nq - lead, Dv)
+        out, s = _CausalLinear.apply(phi_q[:, :, lead:], pk[:, :, max(off, 0):], va[:, :, max(off, 0):], s0,
+                                     chunk_size, float(eps))            # (B, Hq, Nq - lead, Dv)
         if lead:
             out = torch.cat([out.new_zeros(B, Hq, lead, Dv), out], dim=2)  # (B, Hq, Nq, Dv)
     if return_state:
-        return out, LinearState(kv, z, length0 + Nk)
+        return out, LinearState(s[..., :Dv], s[..., Dv], length0 + Nk)
     return out
 
 
@@ -237,7 +302,7 @@ def _features(feature_map, x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[:3] != x.shape[:3]:
         got = V.shape_str(out) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"feature_map({name}) must return (B, H, N, F) for {name} of shape {V.shape_str(x)}, got {got}")
-    if bool((out < 0).any()):
+    if not isinstance(feature_map, str) and bool((out < 0).any()):  # the named maps are >= 0 by construction
         raise ValueError(f"feature_map({name}) returned negative values (min {float(out.min()):.3g}); linear "
                          "attention needs phi >= 0 so that its normaliser stays positive (e.g. elu(x) + 1)")
     return out

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import _validate as V
 from .._numerics import compute_dtype, expand_kv, safe_softmax_lse
+from . import lsh_chunks
 from .base import Variant, check_bool, pos_int, split_key_mask
 
 _REASON = "queries and keys are sorted into hash buckets, so there is no dense score matrix to mask"
@@ -68,125 +68,16 @@ def draw_rotations(head_dim: int, n_hashes: int, n_buckets: int, *, seed: int | 
 
 def lsh_buckets(qk: torch.Tensor, rotations: torch.Tensor, n_buckets: int) -> torch.Tensor:
     """Bucket ids (B, H, R, N) in [0, nb): argmax over [x R_r, -x R_r]; nb == 1: all zero."""
-    B, H, N, _ = qk.shape
-    R = rotations.shape[1]
+    B, H, N, D = qk.shape
+    R, half = rotations.shape[1], rotations.shape[2]
     if n_buckets == 1:
         return torch.zeros(B, H, R, N, dtype=torch.int64, device=qk.device)
     with torch.no_grad():
-        rot = torch.einsum("bhnd,drk->bhrnk", qk, rotations.to(qk.dtype))  # (B, H, R, N, nb/2)
+        rot = torch.matmul(qk, rotations.to(qk.dtype).reshape(D, R * half)).view(B, H, N, R, half)
         # argmax of [rot, -rot] (first index on ties) without building the concatenation
         hi, ihi = rot.max(dim=-1)
         lo, ilo = rot.min(dim=-1)
-        return torch.where(hi >= -lo, ihi, ilo + rot.shape[-1])  # (B, H, R, N)
-
-
-class _ToSorted(torch.autograd.Function):
-    """rows (G*(N+1), D) -> sorted slots (G*R*Np, D) by ``idx``; backward gathers by ``inv`` and sums
-    the R rounds (each real position fills exactly one slot per round), so no scatter is needed."""
-
-    @staticmethod
-    def forward(ctx, x, idx, inv, G, R, N):
-        ctx.save_for_backward(idx, inv)
-        ctx.dims = (G, R, N)
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, inv = ctx.saved_tensors
-        return _from_sorted(grad, inv, idx, *ctx.dims), None, None, None, None, None
-
-
-class _FromSorted(torch.autograd.Function):
-    """sorted slots (G*R*Np, D) -> rows (G*(N+1), D): row p sums its R slots; row N (empty) is zero."""
-
-    @staticmethod
-    def forward(ctx, y, inv, idx, G, R, N):
-        ctx.save_for_backward(idx, inv)
-        ctx.dims = (G, R, N)
-        summed = y.index_select(0, inv).view(G, R, N, y.shape[-1]).sum(1)  # (G, N, D)
-        return torch.cat([summed, summed.new_zeros(G, 1, y.shape[-1])], dim=1).view(G * (N + 1), -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        idx, inv = ctx.saved_tensors
-        return _to_sorted(grad, idx, inv, *ctx.dims), None, None, None, None, None
-
-
-def _to_sorted(x, idx, inv, G, R, N):
-    return _ToSorted.apply(x, idx, inv, G, R, N)
-
-
-def _from_sorted(y, inv, idx, G, R, N):
-    return _FromSorted.apply(y, inv, idx, G, R, N)
-
-
-def _lsh_group(qk, v, buckets, valid, c: int, causal: bool, scale: float):
-    """LSH attention for G flattened (b, h) pairs.
-
-    qk (G, N, D), v (G, N, Dv), buckets (G, R, N), valid (G, N) bool or None -> (G, N, Dv).
-    """
-    G, N, D = qk.shape
-    R, Dv = buckets.shape[1], v.shape[-1]
-    dev = qk.device
-    C = -(-N // c)
-    Np, RC = C * c, R * C
-    with torch.no_grad():
-        perm = (buckets * N + torch.arange(N, device=dev)).argsort(dim=-1)  # (G, R, N) positions, sorted
-        inv = torch.empty_like(perm).scatter_(2, perm, torch.arange(N, device=dev).expand(G, R, N))  # slot of p
-        if Np > N:  # empty slots point at an extra zero row N
-            perm = torch.cat([perm, perm.new_full((G, R, Np - N), N)], dim=-1)  # (G, R, Np)
-        spos = perm.view(G, RC, c)  # (G, RC, c)
-        idx = (spos + torch.arange(G, device=dev).view(G, 1, 1) * (N + 1)).reshape(-1)  # (G*R*Np,)
-        slot0 = (torch.arange(G, device=dev).view(G, 1, 1) * R + torch.arange(R, device=dev).view(1, R, 1)) * Np
-        inv_idx = (inv + slot0).reshape(-1)  # (G*R*N,)
-        kvalid_e = torch.ones(G, N + 1, dtype=torch.bool, device=dev) if valid is None else \
-            torch.cat([valid, valid.new_ones(G, 1)], dim=1)
-        kvalid_e[:, N] = False  # empty slots are never keys
-        kvalid = kvalid_e.gather(1, perm.reshape(G, -1)).view(G, RC, c)  # (G, RC, c)
-        # Window of chunk j: chunk j-1 (flattened over rounds, wrapping) then chunk j.
-        lb = (lambda t: torch.cat([t.roll(1, dims=1), t], dim=2)) if RC > 1 else (lambda t: t)
-        kp, kv_ok = lb(spos).unsqueeze(-2), lb(kvalid).unsqueeze(-2)  # (G, RC, 1, W)
-    W = 2 * c if RC > 1 else c
-    qk_e = torch.cat([qk, qk.new_zeros(G, 1, D)], dim=1).reshape(G * (N + 1), D)  # (G*(N+1), D)
-    v_e = torch.cat([v, v.new_zeros(G, 1, Dv)], dim=1).reshape(G * (N + 1), Dv)
-    kn_e = qk_e * (scale / torch.linalg.vector_norm(qk_e, dim=-1, keepdim=True).clamp_min(1e-12))  # scale * k / |k|
-    sq = _to_sorted(qk_e, idx, inv_idx, G, R, N).view(G, RC, c, D)  # (G, RC, c, D) sorted queries
-    sk = _to_sorted(kn_e, idx, inv_idx, G, R, N).view(G, RC, c, D)  # sorted keys
-    sv = _to_sorted(v_e, idx, inv_idx, G, R, N).view(G, RC, c, Dv)
-    s_own = torch.matmul(sq, sk.transpose(-1, -2))  # (G, RC, c, c)
-    s = torch.cat([torch.matmul(sq, sk.roll(1, dims=1).transpose(-1, -2)), s_own], dim=-1) if RC > 1 else s_own
-    with torch.no_grad():
-        qp = spos.unsqueeze(-1)  # (G, RC, c, 1)
-        blocked = (kp >= qp) if causal else (kp == qp)  # (G, RC, c, W)
-        blocked |= ~kv_ok
-        has_other = ~blocked.all(dim=-1)  # (G, RC, c)
-        # OR over a position's rounds as a uint8 amax: CUDA has no scatter_reduce for bool
-        any_other = torch.zeros(G, N + 1, dtype=torch.uint8, device=dev)
-        any_other.scatter_reduce_(1, perm.reshape(G, -1), has_other.view(G, -1).to(torch.uint8), reduce="amax")
-        self_needed = kvalid & ~any_other.gather(1, perm.reshape(G, -1)).view(G, RC, c).bool()
-        row_empty = ~has_other & ~self_needed
-    s = s.masked_fill(blocked, float("-inf"))
-    if bool(self_needed.any()) or bool(row_empty.any()):
-        # A query's own slot sits on the diagonal of its own chunk (window offset W - c).
-        self_score = (sq * sk).sum(-1)  # (G, RC, c)
-        diag_mask = torch.zeros(c, W, dtype=torch.bool, device=dev)
-        diag_mask[torch.arange(c), torch.arange(c) + (W - c)] = True
-        fill = torch.where(self_needed, self_score, torch.zeros_like(self_score))  # row_empty: 0, weight dropped
-        use = (self_needed | row_empty).unsqueeze(-1) & diag_mask  # (G, RC, c, W)
-        s = torch.where(use, fill.unsqueeze(-1), s)
-    p = torch.softmax(s, dim=-1)  # (G, RC, c, W)
-    lse = torch.logsumexp(s, dim=-1).masked_fill(row_empty, float("-inf"))  # (G, RC, c)
-    if RC > 1:
-        o = torch.matmul(p[..., :c], sv.roll(1, dims=1)) + torch.matmul(p[..., c:], sv)  # (G, RC, c, Dv)
-    else:
-        o = torch.matmul(p, sv)
-    # Combine rounds: weights softmax_r(lse_r) in original order.
-    lse_orig = lse.view(G, R * Np).gather(1, inv_idx.view(G, R * N) - torch.arange(G, device=dev).view(G, 1) * R * Np)
-    w, _ = safe_softmax_lse(lse_orig.view(G, R, N).transpose(1, 2), empty_lse=float("-inf"))  # (G, N, R)
-    w_e = torch.cat([w.transpose(1, 2), w.new_zeros(G, R, 1)], dim=2)  # (G, R, N+1)
-    w_sorted = w_e.gather(2, perm).view(G, RC, c, 1)  # (G, RC, c, 1)
-    out = _from_sorted((o * w_sorted).reshape(-1, Dv), inv_idx, idx, G, R, N)  # (G*(N+1), Dv)
-    return out.view(G, N + 1, Dv)[:, :N]  # (G, N, Dv)
+        return torch.where(hi >= -lo, ihi, ilo + half).transpose(-1, -2).contiguous()  # (B, H, R, N)
 
 
 def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucket_size: int = 64,
@@ -208,8 +99,8 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucke
         scale: default 1/sqrt(D).
         seed / rotations: rotations (D, R, nb/2) to use; else drawn with ``seed`` (None = torch's
             global generator, like the peer). Same seed, same buckets.
-        heads_per_group: (b, h) pairs per checkpointed group; default keeps one group's score
-            tensor near 2^23 elements.
+        heads_per_group: (b, h) pairs hashed, sorted and masked together; default keeps one
+            group's window mask near 2^26 elements (it bounds the transient memory, not the result).
 
     Returns: (B, H, N, Dv) in qk's dtype (half/bfloat16 computed in float32).
     Cost: O(R N c (D + Dv)) time, O(R N (c + D + Dv)) memory per group.
@@ -244,22 +135,26 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, *, n_hashes: int = 8, bucke
     in_dtype = qk.dtype
     ct = compute_dtype(in_dtype)
     qk, v = qk.to(ct), v.to(ct)
-    buckets = lsh_buckets(qk, rotations, nb).reshape(B * H, n_hashes, N)  # (G, R, N)
-    qkf, vf = qk.reshape(B * H, N, D), v.reshape(B * H, N, -1)  # (G, N, D), (G, N, Dv)
+    G, Dv = B * H, v.shape[-1]
+    E = max(D, Dv)  # the chunk kernel wants one head dim: zero columns change no score and no output
+    qkf = qk.reshape(G, N, D)                                             # (G, N, D)
+    kn = qkf / torch.linalg.vector_norm(qkf, dim=-1, keepdim=True).clamp_min(1e-12)  # keys qk / |qk|
+    vf = v.reshape(G, N, Dv)                                              # (G, N, Dv)
+    if D < E:
+        qkf, kn = F.pad(qkf, (0, E - D)), F.pad(kn, (0, E - D))          # (G, N, E)
+    if Dv < E:
+        vf = F.pad(vf, (0, E - Dv))                                       # (G, N, E)
     validf = None if valid is None else valid.repeat_interleave(H, dim=0)  # (G, N)
     c = bucket_size
     width = c if n_hashes * -(-N // c) == 1 else 2 * c
-    per = heads_per_group or max(1, (1 << 24) // max(1, n_hashes * N * width))
-    grad = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
+    per = heads_per_group or max(1, (1 << 26) // max(1, n_hashes * N * width))
     outs = []
-    for g0 in range(0, B * H, per):
+    for g0 in range(0, G, per):
         sl = slice(g0, g0 + per)
-        args = (qkf[sl], vf[sl], buckets[sl], None if validf is None else validf[sl], c, causal, scale)
-        if grad and B * H > per:
-            outs.append(checkpoint(_lsh_group, *args, use_reentrant=False))
-        else:
-            outs.append(_lsh_group(*args))
-    out = torch.cat(outs, dim=0).view(B, H, N, -1)  # (B, H, N, Dv)
+        buckets = lsh_buckets(qk.reshape(1, G, N, D)[:, sl], rotations, nb)[0]  # (g, R, N)
+        plan = lsh_chunks.plan(buckets, None if validf is None else validf[sl], c, causal, ct)
+        outs.append(lsh_chunks.attend(qkf[sl], kn[sl], vf[sl], plan, scale))  # (g, N, E)
+    out = torch.cat(outs, dim=0)[..., :Dv].reshape(B, H, N, Dv)          # (B, H, N, Dv)
     return out.to(in_dtype)
 
 

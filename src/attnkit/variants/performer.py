@@ -36,7 +36,14 @@ from torch import nn
 from .. import _validate as V
 from .._numerics import compute_dtype
 from .base import check_bool, pos_int, split_key_mask
-from .linear import _REASON, LinearState, RecurrentVariant, linear_attention_features, linear_step_features
+from .linear import (
+    _REASON,
+    LinearState,
+    RecurrentVariant,
+    _safe_reciprocal,
+    linear_attention_features,
+    linear_step_features,
+)
 
 
 def default_num_features(head_dim: int) -> int:
@@ -191,6 +198,64 @@ def _rescaled(state: PerformerState, shrink: torch.Tensor, hq: int) -> LinearSta
     return state.linear.scaled(factor.to(state.linear.kv.dtype))
 
 
+class _FavorNonCausal(torch.autograd.Function):
+    """Non-causal FAVOR+ attention (robust stabiliser, eps = 0) with a hand-written backward.
+
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), ws = scale^1/2 W (m, D), valid (B', H', Nk)
+    bool or None with H' in {1, Hk}. Features phi_q = m^-1/2 exp(q ws^T - rowmax) (B, Hq, Nq, m),
+    phi_k = m^-1/2 exp(k ws^T - scale |k|^2 / 2 - keymax) (B, Hk, Nk, m), zero for padded keys;
+    S = phi_k^T [v | 1] (B, Hk, m, Dv + 1) gives numerator and normaliser in one matmul:
+    [num | den] = phi_q S, out = num / den (0 where den = 0).
+    Backward: G = [dout / den | -(dout . out) / den]; dphi_q = G S^T, dS = phi_q^T G,
+    dphi_k = [v | 1] dS^T, dv = phi_k dS[:, :Dv]; the stabilisers cancel in out, so they are
+    constants: du = dphi * phi, dq = du_q ws, dk = du_k ws - scale k sum_r du_k.
+    Saves phi_q, phi_k, [v | 1], S, 1 / den and out; no N x m temporary besides the two features.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, ws, valid, sc: float):
+        B, Hq, Nq, _ = q.shape
+        Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        m = ws.shape[0]
+        log_ratio = -0.5 * math.log(m)
+        phi_q = torch.matmul(q, ws.T)                                       # (B, Hq, Nq, m)
+        phi_q.sub_(phi_q.amax(dim=-1, keepdim=True) - log_ratio).exp_()
+        phi_k = torch.matmul(k, ws.T)                                       # (B, Hk, Nk, m)
+        phi_k.sub_((0.5 * sc) * (k * k).sum(dim=-1, keepdim=True))
+        phi_k.sub_(key_max(phi_k, valid) - log_ratio).exp_()
+        va = torch.cat([v, v.new_ones(B, Hk, Nk, 1)], dim=-1)               # (B, Hk, Nk, Dv + 1)
+        if valid is not None:
+            pad = ~valid.unsqueeze(-1)                                      # (B', H', Nk, 1)
+            phi_k.masked_fill_(pad, 0.0)
+            va.masked_fill_(pad, 0.0)
+        s = torch.matmul(phi_k.transpose(-1, -2), va)                      # (B, Hk, m, Dv + 1)
+        nd = torch.matmul(phi_q.view(B, Hk, -1, m), s).view(B, Hq, Nq, Dv + 1)
+        den = nd[..., Dv]                                                   # (B, Hq, Nq)
+        inv = _safe_reciprocal(den)
+        out = nd[..., :Dv] * inv.unsqueeze(-1)                              # (B, Hq, Nq, Dv)
+        ctx.save_for_backward(k, ws, phi_q, phi_k, va, s, inv, out)
+        ctx.sc = sc
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        k, ws, phi_q, phi_k, va, s, inv, out = ctx.saved_tensors
+        B, Hq, Nq, m = phi_q.shape
+        Hk, Dv = phi_k.shape[1], out.shape[-1]
+        gg = torch.empty(B, Hq, Nq, Dv + 1, dtype=g.dtype, device=g.device)  # [dnum | dden]
+        torch.mul(g, inv.unsqueeze(-1), out=gg[..., :Dv])
+        gg[..., Dv] = (g * out).sum(dim=-1).mul_(inv).neg_()
+        gk = gg.view(B, Hk, -1, Dv + 1)                                     # (B, Hk, g Nq, Dv + 1)
+        dphi_q = torch.matmul(gk, s.transpose(-1, -2)).view(B, Hq, Nq, m)
+        ds = torch.matmul(phi_q.view(B, Hk, -1, m).transpose(-1, -2), gk)  # (B, Hk, m, Dv + 1)
+        dphi_k = torch.matmul(va, ds.transpose(-1, -2))                    # (B, Hk, Nk, m)
+        dv = torch.matmul(phi_k, ds[..., :Dv])                              # (B, Hk, Nk, Dv)
+        dq = torch.matmul(dphi_q.mul_(phi_q), ws)                           # (B, Hq, Nq, D)
+        du_k = dphi_k.mul_(phi_k)
+        dk = torch.matmul(du_k, ws).sub_(k * (ctx.sc * du_k.sum(dim=-1, keepdim=True)))
+        return dq, dk, dv, None, None, None
+
+
 def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, projection: torch.Tensor,
                         causal: bool = False, mask=None, scale: float | None = None, eps: float = 0.0,
                         stabilizer: str = "robust", chunk_size: int = 128, state: PerformerState | None = None,
@@ -225,6 +290,9 @@ def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, pr
                                       reason=_REASON)
     ct = compute_dtype(q.dtype)
     w = projection.to(ct)
+    if (not (causal or is_causal) and state is None and not return_state and eps == 0.0 and stabilizer == "robust"
+            and not w.requires_grad and (valid is None or valid.shape[1] == 1 or k.shape[1] == Hq)):
+        return _FavorNonCausal.apply(q.to(ct), k.to(ct), v.to(ct), w * sc ** 0.5, valid, sc).to(q.dtype)
     if return_state and state is None:
         state = _empty_state(B, Hq, k.shape[1], w.shape[0], v.shape[-1], ct, q.device)
     x, y = q.to(ct) * sc ** 0.5, k.to(ct) * sc ** 0.5                        # (B, H, N, D)
