@@ -118,6 +118,15 @@ def _check_state(state: LinearState | None, phi_q: torch.Tensor, dv: int) -> Non
                          f"expected (B, Hq, F, Dv) = {(B, H, Fd, dv)} and (B, Hq, F) = {(B, H, Fd)}")
 
 
+def _into(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` in the storage of ``buf`` when it is large enough (reusing a
+    dead intermediate instead of faulting in fresh pages), else a new one."""
+    n = math.prod(shape)
+    if buf.is_contiguous() and buf.numel() >= n:
+        return buf.view(-1)[:n].view(shape)
+    return buf.new_empty(shape)
+
+
 def _exclusive_prefix(x: torch.Tensor, first: torch.Tensor | None, reverse: bool = False) -> torch.Tensor:
     """x (BH, T, F, W) -> P (BH, T, F, W) with P[:, t] = first + sum of x[:, t'] over t' < t (t' > t if reverse).
 
@@ -151,19 +160,19 @@ class _CausalLinear(torch.autograd.Function):
     pq, pk (B, H, L, F) >= 0, va = [v | 1] (B, H, L, Dv + 1) (rows of padded keys zero, ones column
     included), s0 (B, H, F, Dv + 1) the sums of earlier keys or None. Query i sees keys j <= i.
     Per chunk t of C positions (the tail padded with zero rows):
-        S_t = K_t^T Va_t,  P_t = s0 + sum_{t' < t} S_t'  (exclusive prefix, ``_exclusive_prefix``),
+        S_t = K_t^T Va_t,  P_t = s0 + sum_{t' < t} S_t'  (S written one chunk later, then cumsum in place),
         A_t = tril(Q_t K_t^T),  [num | den] = Q_t P_t + A_t Va_t   (numerator and normaliser together),
         out = num / (den + eps), 0 where den = 0.
-    Returns out (B, H, L, Dv) and the final sums s0 + sum_t S_t (B, H, F, Dv + 1).
+    Returns out (B, H, L, Dv) and the final sums s0 + sum_t S_t (B, H, F, Dv + 1) (None unless want_final).
     Backward, with G = [dout / (den + eps) | -(dout . out) / (den + eps)], dA = tril(G Va^T) and
-    R_t = dfinal + sum_{t' > t} Q_t'^T G_t' (reverse exclusive prefix):
+    R_t = dfinal + sum_{t' > t} Q_t'^T G_t' (reverse exclusive prefix, ``_exclusive_prefix``):
         dQ = G P^T + dA K,  dK = Va R^T + dA^T Q,  dVa = K R + A^T G,  ds0 = R_0 + Q_0^T G_0.
     Saves Q, K, Va, A, P, 1 / (den + eps) and out: O(N (F + Dv + C)) memory, 4 batched matmuls
     forward and 8 backward.
     """
 
     @staticmethod
-    def forward(ctx, pq, pk, va, s0, chunk: int, eps: float):
+    def forward(ctx, pq, pk, va, s0, chunk: int, eps: float, want_final: bool):
         B, H, L, Fd = pq.shape
         Dw = va.shape[-1]
         C = max(1, min(chunk, L))
@@ -173,16 +182,31 @@ class _CausalLinear(torch.autograd.Function):
             pq, pk, va = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, va))
         n = B * H * T
         q, k, w = pq.reshape(n, C, Fd), pk.reshape(n, C, Fd), va.reshape(n, C, Dw)  # (B H T, C, .)
-        s = torch.bmm(k.transpose(1, 2), w).view(B * H, T, Fd, Dw)        # (B H, T, F, Dv + 1) per chunk
-        p = _exclusive_prefix(s, None if s0 is None else s0.reshape(B * H, Fd, Dw))
-        final = (p[:, -1] + s[:, -1]).view(B, H, Fd, Dw)
-        a = torch.bmm(q, k.transpose(1, 2)).tril_()                        # (B H T, C, C)
-        nd = torch.bmm(q, p.view(n, Fd, Dw)).baddbmm_(a, w)                 # (B H T, C, Dv + 1)
+        # P_t = s0 + sum_{t' < t} S_t': each chunk's S is written one slot later, then a cumsum in place
+        p = q.new_empty(n, Fd, Dw)                                          # (B H T, F, Dv + 1)
+        if n > 1:
+            torch.bmm(k[:-1].transpose(1, 2), w[:-1], out=p[1:])
+        p4 = p.view(B * H, T, Fd, Dw)
+        if s0 is None:
+            p4[:, 0].zero_()  # also drops the previous (b, h)'s last chunk written there
+        else:
+            p4[:, 0].copy_(s0.reshape(B * H, Fd, Dw))
+        p4.view(B * H, T, Fd * Dw).cumsum_(dim=1)
+        final = None
+        if want_final:
+            kl, wl = k.view(B * H, T, C, Fd)[:, -1], w.view(B * H, T, C, Dw)[:, -1]
+            final = torch.baddbmm(p4[:, -1], kl.transpose(1, 2), wl).view(B, H, Fd, Dw)
+        nd = torch.bmm(q, p)                                                # (B H T, C, Dv + 1)
+        # without backward, P is dead now: A goes into its storage (no fresh pages to fault in)
+        grad = any(ctx.needs_input_grad[:4])
+        a = torch.empty(n, C, C, dtype=q.dtype, device=q.device) if grad else _into(p, (n, C, C))
+        torch.bmm(q, k.transpose(1, 2), out=a).tril_()                      # (B H T, C, C)
+        nd.baddbmm_(a, w)
         nd = nd.view(B, H, T * C, Dw)[:, :, :L]                             # (B, H, L, Dv + 1)
-        den = nd[..., -1]
-        inv = _safe_reciprocal(den, eps)
-        out = nd[..., :-1] * inv.unsqueeze(-1)                              # (B, H, L, Dv)
-        ctx.save_for_backward(q, k, w, a, p, inv, out)
+        inv = _safe_reciprocal(nd[..., -1], eps)                            # (B, H, L)
+        out = nd[..., :-1].mul_(inv.unsqueeze(-1))                          # (B, H, L, Dv), in place (a view)
+        if grad:
+            ctx.save_for_backward(q, k, w, a, p, inv, out)
         ctx.has_s0 = s0 is not None
         return out, final
 
@@ -205,10 +229,10 @@ class _CausalLinear(torch.autograd.Function):
         r = _exclusive_prefix(qg, None if dfinal is None else dfinal.reshape(B * H, Fd, Dw), reverse=True)
         ds0 = (r[:, 0] + qg[:, 0]).view(B, H, Fd, Dw) if ctx.has_s0 else None
         r = r.view(n, Fd, Dw)
-        dk = torch.bmm(w, r.transpose(1, 2)).baddbmm_(da.transpose(1, 2), q)  # (B H T, C, F)
+        dk = torch.bmm(w, r.transpose(1, 2), out=_into(qg, (n, C, Fd))).baddbmm_(da.transpose(1, 2), q)  # (B H T, C, F)
         dw = torch.bmm(k, r).baddbmm_(a.transpose(1, 2), g)                 # (B H T, C, Dv + 1)
         cut = lambda x: x.view(B, H, T * C, x.shape[-1])[:, :, :L]  # noqa: E731
-        return cut(dq), cut(dk), cut(dw), ds0, None, None
+        return cut(dq), cut(dk), cut(dw), ds0, None, None, None
 
 
 def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -259,7 +283,7 @@ def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch
             s0 = pre if s0 is None else s0 + pre
         lead = max(0, -off)  # queries before the first key see nothing (bottom-right alignment)
         out, s = _CausalLinear.apply(phi_q[:, :, lead:], pk[:, :, max(off, 0):], va[:, :, max(off, 0):], s0,
-                                     chunk_size, float(eps))            # (B, Hq, Nq - lead, Dv)
+                                     chunk_size, float(eps), return_state)  # (B, Hq, Nq - lead, Dv)
         if lead:
             out = torch.cat([out.new_zeros(B, Hq, lead, Dv), out], dim=2)  # (B, Hq, Nq, Dv)
     if return_state:

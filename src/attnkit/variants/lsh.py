@@ -21,8 +21,11 @@ Algorithm (per (b, h)):
    ``allow_duplicate_attention=True``).
 
 Paper: N. Kitaev, L. Kaiser, A. Levskaya, "Reformer: The Efficient Transformer", ICLR 2020.
-Cost: O(R N c (D + Dv)) time; memory O(R N (c + D + Dv)) per head. Heads are processed in
-groups under activation checkpointing, so peak memory is that of one group (linear in N).
+Cost: O(R N c (D + Dv)) time; memory O(R N (D + Dv)) per head saved for backward (the sorted
+slots), plus O(R N c) for the window masks when they are not the shared one (causal, padding).
+Heads are hashed, sorted and attended in groups, so transient memory is one group's. The chunk
+attention runs in ``lsh_chunks`` (torch's fused CPU flash kernel on overlapping window views, no
+score matrix kept; backward on the saved slots, nothing re-sorted).
 
 Peer: ``reformer_pytorch.LSHAttention`` (1.4.4) on (B * H, N, D). Same rotations layout (D, R,
 nb/2), same sort key, chunking and look-back. Differences: the peer fills the self score with

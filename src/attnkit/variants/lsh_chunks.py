@@ -52,6 +52,8 @@ class Plan:
     rows: torch.Tensor                 # (G * R * Np,) row of (G * N) rows that each slot holds (0 for empty slots)
     win_rows: torch.Tensor | None      # (G * (c + R * Np),) rows of the key/value buffer (last chunk first); None if RC == 1
     slot_of: torch.Tensor              # (G, R * N) slot (of R * Np) of round r, position p
+    slot_pos: torch.Tensor             # (G, R * Np) index r N + p of each slot's (round, position) (p clamped)
+    slot_real: torch.Tensor | None     # (G, R * Np) bool, False for the empty slots that pad a round; None if none
     mask: torch.Tensor                 # (1, 1, c, W) broadcast or (G, RC, c, W) additive
     edge_mask: torch.Tensor | None     # (G, R, c, W): exact mask of the first chunk of each round (broadcast case)
     empty: torch.Tensor | None         # (G, R * Np) bool: slot rows with no allowed key (weight 0)
@@ -84,6 +86,8 @@ def plan(buckets: torch.Tensor, valid: torch.Tensor | None, c: int, causal: bool
     real = spos.clamp(max=N - 1)
     rows = (real + base).reshape(-1)
     win_rows = None if RC == 1 else (torch.cat([real[:, -c:], real], dim=1) + base).reshape(-1)
+    slot_pos = (real.view(G, R, Np) + (torch.arange(R, device=dev) * N).view(1, R, 1)).view(G, R * Np)
+    slot_real = (spos < N) if Np > N else None
     fast = not causal and valid is None and Np == N and c >= 2 and C >= 2
     if fast:
         mask = torch.zeros(c, W, dtype=dtype, device=dev)
@@ -96,7 +100,7 @@ def plan(buckets: torch.Tensor, valid: torch.Tensor | None, c: int, causal: bool
             kp = torch.cat([sp[:, (first - 1) % RC], qp], dim=-1)          # (G, R, W)
             edge = torch.zeros(G, R, c, W, dtype=dtype, device=dev).masked_fill_(
                 kp.unsqueeze(-2) == qp.unsqueeze(-1), NEG_INF)             # c >= 2: every row keeps c - 1 keys
-        return Plan(G, R, N, c, C, rows, win_rows, slot_of, mask.view(1, 1, c, W), edge, None)
+        return Plan(G, R, N, c, C, rows, win_rows, slot_of, slot_pos, slot_real, mask.view(1, 1, c, W), edge, None)
     sp = spos.view(G, RC, c)
     valid_e = torch.ones(G, N + 1, dtype=torch.bool, device=dev) if valid is None else \
         torch.cat([valid, valid.new_ones(G, 1)], dim=1)
@@ -123,7 +127,8 @@ def plan(buckets: torch.Tensor, valid: torch.Tensor | None, c: int, causal: bool
     has_empty = bool(empty.any())
     if has_empty:
         mask.masked_fill_(empty.unsqueeze(-1), 0.0)                        # finite row; its weight is set to 0
-    return Plan(G, R, N, c, C, rows, win_rows, slot_of, mask, None, empty.view(G, R * Np) if has_empty else None)
+    return Plan(G, R, N, c, C, rows, win_rows, slot_of, slot_pos, slot_real, mask, None,
+                empty.view(G, R * Np) if has_empty else None)
 
 
 # ------------------------------------------------------------------------------- chunk attention
@@ -140,16 +145,15 @@ def _views(buf: torch.Tensor, p: Plan, E: int):
     return q, k, v
 
 
-def _rows(x: torch.Tensor, j: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-    """Rows x[g, j[g, m], i[g, m], :] of x (G, K, L, E) in any dense layout -> (G, M, E), one gather."""
-    G, K, L, E = x.shape
+def _scatter(x: torch.Tensor, dest: torch.Tensor, G: int, N: int) -> torch.Tensor:
+    """Sum rows of x (G, K, L, E), in any dense layout, into positions: dest (G, K, L) is the row of
+    (G N) each one adds to -> (G, N, E). One pass over x in its storage order, no (G, K, L, E) copy."""
+    E = x.shape[-1]
     order = sorted(range(3), key=lambda d: -x.stride(d))
     if x.stride(3) != 1 or not x.permute(*order, 3).is_contiguous():
-        x = x.contiguous()
-    s0, s1, s2 = (x.stride(d) // E for d in range(3))
-    flat = x.as_strided((G * K * L, E), (E, 1), x.storage_offset())
-    idx = (torch.arange(G, device=x.device).view(G, 1) * s0 + j * s1 + i * s2).view(-1)
-    return flat.index_select(0, idx).view(G, -1, E)
+        x, order = x.contiguous(), [0, 1, 2]
+    rows = x.permute(*order, 3).reshape(-1, E)                            # a view, storage order
+    return x.new_zeros(G * N, E).index_add_(0, dest.permute(*order).reshape(-1), rows).view(G, N, E)
 
 
 def _use_flash(x: torch.Tensor) -> bool:
@@ -199,9 +203,10 @@ class _Attend(torch.autograd.Function):
         den = w.sum(dim=1, keepdim=True)
         w = w / torch.where(den > 0, den, torch.ones_like(den))
         big = torch.where(den > 0, torch.log(den) + top, torch.full_like(den, float("inf")))  # (G, 1, N)
-        j, i = p.slot_of // c, p.slot_of % c                                # (G, R N) chunk and row of each slot
-        o_r = _rows(o, j, i).view(G, p.R, N, E)                             # (G, R, N, E)
-        out = (o_r * w.unsqueeze(-1)).sum(dim=1)                            # (G, N, E)
+        w_slot = w.view(G, p.R * N).gather(1, p.slot_pos)                   # (G, R Np) weight of each slot
+        if p.slot_real is not None:
+            w_slot = w_slot * p.slot_real
+        out = _scatter(o.mul_(w_slot.view(G, RC, c, 1)), p.rows.view(G, RC, c), G, N)  # (G, N, E)
         ctx.save_for_backward(buf, out, big.view(G, N))
         ctx.plan, ctx.scale, ctx.flash = p, scale, flash
         return out
@@ -231,12 +236,11 @@ class _Attend(torch.autograd.Function):
             dq[:, ::C] += eq
             dkw[:, ::C] += ek
             dvw[:, ::C] += ev
-        j, i = p.slot_of // c, p.slot_of % c                                # (G, R N)
-        dq = _rows(dq, j, i).view(G, p.R, N, E).sum(dim=1)                  # (G, N, E)
+        dest = p.rows.view(G, RC, c)                                        # position row of each slot
+        dq = _scatter(dq, dest, G, N)                                        # (G, N, E)
         if RC > 1:  # a slot's key is in its own window (second half) and in the next chunk's look-back
-            j, i = torch.cat([j, (j + 1) % RC], dim=1), torch.cat([i + c, i], dim=1)
-        terms = j.shape[1] // N
-        dk, dv = (_rows(d, j, i).view(G, terms, N, E).sum(dim=1) for d in (dkw, dvw))
+            dest = torch.cat([dest.roll(1, dims=1), dest], dim=-1)         # (G, RC, W)
+        dk, dv = _scatter(dkw, dest, G, N), _scatter(dvw, dest, G, N)
         return dq, dk, dv, None, None
 
 

@@ -81,6 +81,44 @@ def _softmax(s: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
 _REASON = "each landmark averages a whole segment of keys (future positions included)"
 
 
+class _SoftmaxMatmul(torch.autograd.Function):
+    """softmax(x y^T) w without a mask: x (B, H, L, D), y (B, H, S, D), w (B, H, S, Dv) -> (B, H, L, Dv).
+
+    Forward keeps the probabilities P (B, H, L, S), softmaxed in place in the scores' buffer (one
+    (L, S) allocation where autograd's graph makes two). Backward: dP = dout w^T, and since
+    sum_j P_ij dP_ij = dout_i . out_i, dlogits = P (dP - dout . out) in place in dP's buffer;
+    dx = dlogits y, dy = dlogits^T x, dw = P^T dout.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, w):
+        p = torch.matmul(x, y.transpose(-1, -2))                          # (B, H, L, S)
+        torch.ops.aten._softmax.out(p, -1, False, out=p)                   # in place
+        out = torch.matmul(p, w)                                           # (B, H, L, Dv)
+        ctx.save_for_backward(x, y, w, p, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, w, p, out = ctx.saved_tensors
+        need_x, need_y, need_w = ctx.needs_input_grad
+        dw = torch.matmul(p.transpose(-1, -2), g) if need_w else None     # (B, H, S, Dv)
+        dx = dy = None
+        if need_x or need_y:
+            ds = torch.matmul(g, w.transpose(-1, -2))                       # (B, H, L, S)
+            ds.sub_((g * out).sum(dim=-1, keepdim=True)).mul_(p)            # d logits
+            dx = torch.matmul(ds, y) if need_x else None
+            dy = torch.matmul(ds.transpose(-1, -2), x) if need_y else None
+        return dx, dy, dw
+
+
+def _softmax_matmul(x, y, w, allowed):
+    """softmax(x y^T) w over allowed entries (bool, broadcastable to the scores; None = all)."""
+    if allowed is None and x.dtype in (torch.float32, torch.float64):
+        return _SoftmaxMatmul.apply(x, y, w)
+    return _softmax(x @ y.transpose(-1, -2), allowed) @ w
+
+
 def iterative_pinv(a: torch.Tensor, iterations: int = 6, init: str = "per_matrix") -> torch.Tensor:
     """Moore-Penrose pseudo-inverse of a (..., m, m) by the paper's third-order iteration.
 
@@ -207,15 +245,14 @@ def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_
     all_k = bool(kl_valid.all())
     all_q = bool(ql_valid.all())
     kls, qls = kl * scale, ql * scale  # fold the scale into the small landmark tensors
-    k1 = _softmax(q @ kls.transpose(-1, -2), None if all_k else kl_valid[..., None, :])  # (B, Hq, Nq, m)
     m2 = None if all_k and all_q else ql_valid[..., :, None] & kl_valid[..., None, :]  # (B', 1, m, m)
     k2 = _softmax(qls @ kl.transpose(-1, -2), m2)  # (B, Hq, m, m)
     m3 = None if kvalid is None else ql_valid[..., :, None] & kvalid[:, None, None, :]  # (B, 1, m, Nk)
     if m3 is None and not all_q:
         m3 = ql_valid[..., :, None].expand(-1, -1, -1, Nk)
-    k3 = _softmax(qls @ k.transpose(-1, -2), m3)  # (B, Hq, m, Nk)
     z = iterative_pinv(k2, pinv_iterations, pinv_init)  # (B, Hq, m, m)
-    out = k1 @ (z @ (k3 @ v))  # (B, Hq, Nq, Dv)
+    w3 = z @ _softmax_matmul(qls, k, v, m3)  # z (k3 v): (B, Hq, m, Dv), k3 = softmax(Q~ K^T) (B, Hq, m, Nk)
+    out = _softmax_matmul(q, kls, w3, None if all_k else kl_valid[..., None, :])  # k1 w3: (B, Hq, Nq, Dv)
     if conv_kernel is not None:
         out = out + depthwise_conv(v, conv_kernel, Nq)
     return out.to(in_dtype)

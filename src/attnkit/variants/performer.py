@@ -230,9 +230,8 @@ class _FavorNonCausal(torch.autograd.Function):
             va.masked_fill_(pad, 0.0)
         s = torch.matmul(phi_k.transpose(-1, -2), va)                      # (B, Hk, m, Dv + 1)
         nd = torch.matmul(phi_q.view(B, Hk, -1, m), s).view(B, Hq, Nq, Dv + 1)
-        den = nd[..., Dv]                                                   # (B, Hq, Nq)
-        inv = _safe_reciprocal(den)
-        out = nd[..., :Dv] * inv.unsqueeze(-1)                              # (B, Hq, Nq, Dv)
+        inv = _safe_reciprocal(nd[..., Dv])                                 # (B, Hq, Nq)
+        out = nd[..., :Dv].mul_(inv.unsqueeze(-1))                          # (B, Hq, Nq, Dv), in place (a view)
         ctx.save_for_backward(k, ws, phi_q, phi_k, va, s, inv, out)
         ctx.sc = sc
         return out
@@ -252,7 +251,7 @@ class _FavorNonCausal(torch.autograd.Function):
         dv = torch.matmul(phi_k, ds[..., :Dv])                              # (B, Hk, Nk, Dv)
         dq = torch.matmul(dphi_q.mul_(phi_q), ws)                           # (B, Hq, Nq, D)
         du_k = dphi_k.mul_(phi_k)
-        dk = torch.matmul(du_k, ws).sub_(k * (ctx.sc * du_k.sum(dim=-1, keepdim=True)))
+        dk = torch.matmul(du_k, ws).addcmul_(k, du_k.sum(dim=-1, keepdim=True), value=-ctx.sc)
         return dq, dk, dv, None, None, None
 
 
