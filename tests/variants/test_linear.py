@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from attnkit import LinearAttention
 from attnkit import masks as M
 from attnkit.variants.linear import LinearState, elu_plus_one, linear_attention, linear_attention_step
-from tests.strategies import make_qkv, shapes
+from tests.strategies import Shape, make_qkv, shapes
 from tests.tolerances import assert_close
 
 
@@ -225,3 +225,21 @@ def test_module_key_padding_mask_true_means_pad():
     causal_mod.load_state_dict(mod.state_dict())
     y = causal_mod(x)
     assert_close(y[:, :4], causal_mod(x[:, :4]))  # a prefix does not see the future
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_fast_path_at_bench_like_chunks_forward_backward(causal):
+    """Float32 through the fast paths at a size with several 64-token chunks, a padded tail chunk and
+    more than one block of the chunk-state scan (odd Nq != Nk, GQA, key padding, one batch fully
+    padded): forward and backward within the float32 table of the float64 formula on the rounded inputs."""
+    shape = Shape(3, 4, 2, 389, 401, 16, 8)
+    q, k, v = make_qkv(shape, dtype=torch.float32, seed=21)
+    lengths = torch.tensor([401, 250, 0])
+    out = linear_attention(q, k, v, causal=causal, mask=M.key_padding(lengths))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = naive_linear(qd, kd, vd, causal=causal, valid=torch.arange(401)[None] < lengths[:, None])
+    assert out.dtype == torch.float32 and (out[2] == 0).all()
+    assert_close(out, ref, dtype=torch.float32, backend="blockwise")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert_close(a, b, dtype=torch.float32, backend="blockwise", grad=True)

@@ -233,3 +233,26 @@ def test_matches_reformer_pytorch_lsh_attention_same_rotations(causal):
         atol = tol(F64)["atol"] + 5e4 * 2.0 ** -52 * 5 * R
         torch.testing.assert_close(got.permute(0, 2, 1, 3)[rows], want.permute(0, 2, 1, 3)[rows],
                                    atol=atol, rtol=tol(F64)["rtol"])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_flash_chunks_at_a_larger_size_forward_backward(monkeypatch, causal):
+    """Float32 through torch's CPU flash kernel with more chunks than the tiny cases (odd N, a padded
+    tail chunk, key padding, one batch fully padded), forward and backward, within the float32 table
+    of the float64 naive algorithm. Both hash the float32 vectors in float64 (same buckets)."""
+    from attnkit.variants import lsh as lsh_mod
+
+    hash64 = lsh_mod.lsh_buckets
+    monkeypatch.setattr(lsh_mod, "lsh_buckets", lambda x, r, nb: hash64(x.double(), r.double(), nb))
+    qk, v, g = inputs(2, 2, 157, 8, 6, 9, dtype=torch.float32)
+    rot = torch.randn(8, 2, 4, generator=g)
+    lengths = torch.tensor([120, 0])
+    out = lsh_attention(qk, v, n_hashes=2, n_buckets=8, bucket_size=16, rotations=rot, causal=causal,
+                        mask=masks.key_padding(lengths))
+    qd, vd = (t.detach().double().requires_grad_() for t in (qk, v))
+    ref = naive_lsh(qd, vd, rot.double(), 8, 16, causal=causal, valid=torch.arange(157)[None] < lengths[:, None])
+    assert out.dtype == torch.float32 and out[1].abs().max() == 0
+    torch.testing.assert_close(out.double(), ref, **tol(torch.float32, "lsh"))
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    for a, b in zip(torch.autograd.grad(out, (qk, v), gout.float()), torch.autograd.grad(ref, (qd, vd), gout)):
+        torch.testing.assert_close(a.double(), b, **tol(torch.float32, "lsh", grad=True))

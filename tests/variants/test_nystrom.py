@@ -253,3 +253,23 @@ def test_matches_nystrom_attention_peer_same_weights(n, lengths):
         mask = torch.arange(n)[None, :] < lens[:, None]
         got, want = ours(x, key_padding_mask=~mask), peer(x, mask=mask)
         torch.testing.assert_close(got[mask], want[mask], **tol(F64))  # the peer's padded rows are garbage
+
+
+def test_float32_fused_softmax_matmul_at_a_larger_size_forward_backward():
+    """Float32 through the fused softmax-matmul and the pinv iteration with hand-written backwards
+    at an odd length (front-padded segments), key and query padding with one batch fully padded, GQA
+    and the conv term: within the float32 table of the float64 run on the rounded inputs."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 389, 16, generator=g, dtype=F64).float().requires_grad_()
+    k, v = (torch.randn(3, 2, 389, 16, generator=g, dtype=F64).float().requires_grad_() for _ in range(2))
+    conv = (torch.randn(4, 5, generator=g, dtype=F64) / 5).float()
+    valid = torch.arange(389)[None] < torch.tensor([389, 250, 0])[:, None]
+    kw = dict(num_landmarks=16, mask=masks.key_padding_from_bool(~valid), query_valid=valid, segments="front_pad")
+    out = nystrom_attention(q, k, v, conv_kernel=conv, **kw)
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = nystrom_attention(*xs, conv_kernel=conv.double(), **kw)
+    assert out.dtype == torch.float32 and out[2].abs().max() == 0
+    torch.testing.assert_close(out.double(), ref, **tol(torch.float32, "nystrom"))
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), gout.float()), torch.autograd.grad(ref, xs, gout)):
+        torch.testing.assert_close(a.double(), b, **tol(torch.float32, "nystrom", grad=True))

@@ -253,3 +253,23 @@ def test_module_redraws_in_its_own_dtype():
     ref = PerformerAttention(16, 2, num_features=12, seed=3)
     want = ref.core._draw(torch.float64)  # the generator's second draw, exact
     assert mod.core.projection.dtype == torch.float64 and torch.equal(mod.core.projection, want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_fast_paths_at_bench_like_sizes_forward_backward(causal):
+    """Float32, m = 64 features, odd Nq != Nk, GQA, key padding with one batch fully padded: the
+    fused non-causal function and the chunked causal one (several chunks and a padded tail), forward
+    and backward, within the float32 table of the float64 formula on the rounded inputs."""
+    q, k, v = make_qkv(Shape(3, 4, 2, 389, 401, 16, 8), dtype=torch.float32, seed=22, scale=0.5)
+    w = _proj(64, 16, 3)
+    lengths = torch.tensor([401, 250, 0])
+    out = performer_attention(q, k, v, projection=w.float(), causal=causal, mask=M.key_padding(lengths))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = naive_performer(qd, kd, vd, w.float().double(), causal=causal,
+                          valid=torch.arange(401)[None] < lengths[:, None])
+    assert out.dtype == torch.float32 and (out[2] == 0).all()
+    assert_close(out, ref, dtype=torch.float32, backend="blockwise")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g.float()), torch.autograd.grad(ref, (qd, kd, vd), g)):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, dtype=torch.float32, backend="blockwise", grad=True)
