@@ -116,9 +116,10 @@ def plan(buckets: torch.Tensor, valid: torch.Tensor | None, c: int, causal: bool
     else:
         blocked = (kp.unsqueeze(-2) == qp) | ~kok.unsqueeze(-2)
         has_other = ~blocked.all(dim=-1)
-    any_other = torch.zeros(G, N + 1, dtype=torch.bool, device=dev)
-    any_other.scatter_reduce_(1, spos, has_other.view(G, -1), reduce="amax")
-    self_needed = kok_slot & ~any_other.gather(1, spos).view(G, RC, c)
+    # OR over a position's rounds as a uint8 amax: CUDA has no scatter_reduce for bool
+    any_other = torch.zeros(G, N + 1, dtype=torch.uint8, device=dev)
+    any_other.scatter_reduce_(1, spos, has_other.view(G, -1).to(torch.uint8), reduce="amax")
+    self_needed = kok_slot & ~any_other.gather(1, spos).view(G, RC, c).bool()
     empty = ~has_other & ~self_needed | (sp == N)                         # (G, RC, c)
     mask = torch.where(blocked, torch.tensor(NEG_INF, dtype=dtype, device=dev),
                        torch.tensor(0.0, dtype=dtype, device=dev))                # (G, RC, c, W)
