@@ -17,7 +17,8 @@ text must occur exactly once, so code that moved is reported as "edit no longer 
 rather than silently testing nothing), and the mutant's test selection runs with the copy first
 on PYTHONPATH; the working tree is never touched. pytest exiting 1 (tests failed) counts as
 caught; passing tests mean the mutant survived; any other exit (collection error, usage error)
-or a timeout is reported as an error. Before the mutants, the union of the selections runs on
+or a timeout is reported as an error (``-x`` under xdist exits 2 on a failure: that is read
+as caught, by xdist's "stopping after" line). Before the mutants, the union of the selections runs on
 the unchanged source and must pass, so a catch means the bug was caught.
 
 Exit status: 0 when every mutant is caught, 1 otherwise. When you move code that a mutant
@@ -174,6 +175,15 @@ def run(cmd: list[str], src: Path, timeout: float) -> tuple[int | None, float, s
     return p.returncode, time.time() - t0, (p.stdout + p.stderr)[-3000:]
 
 
+def verdict(rc: int | None, out: str) -> str:
+    """pytest's exit 1 is "tests failed": caught. With xdist, ``-x`` stops the run on the first
+    failure and pytest then exits 2 (interrupted); that is a catch too, told apart from a usage
+    or collection error (also exit 2) by xdist's "stopping after N failures" line."""
+    if rc == 1 or (rc == 2 and "Interrupted: stopping after" in out):
+        return "caught"
+    return {0: "SURVIVED", None: "ERROR (timeout)"}.get(rc, f"ERROR (pytest exit {rc})")
+
+
 def apply(m: Mutant, src_root: Path) -> str | None:
     """Apply m to the copy under src_root (…/attnkit/...); None, or why it cannot be applied."""
     path = src_root / "attnkit" / m.file
@@ -235,7 +245,7 @@ def main(argv=None) -> int:
             shutil.copytree(clean, work)
             apply(m, work)
             rc, secs, out = run(pytest_cmd(args.python, m.tests, args.workers), work, args.timeout)
-            status = {1: "caught", 0: "SURVIVED", None: "ERROR (timeout)"}.get(rc, f"ERROR (pytest exit {rc})")
+            status = verdict(rc, out)
             results.append((m, status))
             print(f"{status:16s} {m.id:34s} {secs:6.0f} s   {m.why}", flush=True)
             if status != "caught":

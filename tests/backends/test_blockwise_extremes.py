@@ -1,8 +1,10 @@
-"""Blockwise at the edges small tests miss: float32 scores past exp's overflow (about 88), and
-N = 16384 against sdpa for every structured mask, forward and backward (slow: runs in CI).
+"""Blockwise at the edges small tests miss: float32 scores past exp's overflow (about 88), in
+both engines, and N = 16384 against sdpa for every structured mask, forward and backward (slow:
+runs in CI).
 
-Only the public entry point (``attnkit.attention(..., backend=...)``) is used, so a rewrite of
-the kernel keeps these tests.
+Only the public entry points are used (``attnkit.attention(..., backend="blockwise")`` and
+``blockwise_attention(..., options=BlockwiseOptions(fused=False))`` for the tile-math engine,
+which the default CPU call no longer reaches), so a rewrite of the kernels keeps these tests.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 import attnkit
 from attnkit import masks as M
+from attnkit.backends.blockwise import BlockwiseOptions, blockwise_attention
 from tests.tolerances import tol
 
 F32, F64 = torch.float32, torch.float64
@@ -22,11 +25,19 @@ def _rows_with_norm(g, shape, norm):
     return (x / x.norm(dim=-1, keepdim=True) * norm).to(F32)
 
 
+ENGINES = {  # the default call (torch's CPU flash kernel on rectangles) and the tile math
+    "fused": lambda q, k, v, mask: attnkit.attention(q, k, v, mask=mask, backend="blockwise"),
+    "tiles": lambda q, k, v, mask: blockwise_attention(q, k, v, mask=mask, options=BlockwiseOptions(fused=False)),
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("mask", [None, M.causal(), M.sliding_window(40, 5)], ids=repr)
 @pytest.mark.parametrize("peak", [60.0, 150.0, 280.0])
-def test_float32_scores_beyond_exp_overflow(peak, mask):
+def test_float32_scores_beyond_exp_overflow(peak, mask, engine):
     """|scale q.k| reaches ``peak`` (exp(88.7) overflows float32): blockwise must shift by the
-    row max there, and match the float64 reference in output and gradients."""
+    row max there (the tile math's shift-free path is only for bounds <= 30), and match the
+    float64 reference in output and gradients."""
     g = torch.Generator().manual_seed(int(peak))
     B, H, N, D = 1, 2, 300, 8
     scale = D ** -0.5
@@ -35,7 +46,7 @@ def test_float32_scores_beyond_exp_overflow(peak, mask):
     v = torch.randn(B, H, N, D, generator=g).requires_grad_()
     s = (q.detach().double() @ k.detach().double().transpose(-1, -2)) * scale
     assert float(s.abs().max()) > 0.8 * peak  # the scores really are that large
-    out = attnkit.attention(q, k, v, mask=mask, backend="blockwise")
+    out = ENGINES[engine](q, k, v, mask)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attnkit.attention(*ref_in, mask=mask, backend="reference")
     assert bool(torch.isfinite(out).all())
