@@ -1,4 +1,7 @@
-"""Caches and incremental decoding: chunked cached passes equal the full causal pass (float64)."""
+"""Caches and incremental decoding (float64): chunked cached passes equal an independent
+reference (tests/references.py: explicit formulas on the layer's weights) and the full pass;
+what a cache keeps (the newest tokens and their padding flags) is checked against the same
+reference on sequences longer than the cache."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from attnkit.nn import (
     Softmax,
     StaticKV,
 )
+from tests.references import mha_reference
 from tests.tolerances import assert_close
 
 F64 = torch.float64
@@ -73,17 +77,18 @@ def _chunks(n, sizes):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(n=st.integers(1, 13), sizes=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 99))
 def test_chunked_decoding_equals_full_pass(name, n, sizes, seed):
     m = _module(name)
     x = torch.randn(2, n, 16, dtype=F64, generator=torch.Generator().manual_seed(seed))
-    full = m(x)
+    want = mha_reference(m, x)
+    assert_close(m(x), want, msg=f"{name} full pass")
     for chunking in ([(i, i + 1) for i in range(n)], _chunks(n, sizes)):
         cache = m.make_cache(2, 16)
         parts = [m(x[:, a:b], cache=cache) for a, b in chunking]
         assert cache.length == n
-        assert_close(torch.cat(parts, dim=1), full, msg=f"{name} chunks {chunking}")
+        assert_close(torch.cat(parts, dim=1), want, msg=f"{name} chunks {chunking}")
 
 
 def test_make_cache_kinds():
@@ -165,10 +170,38 @@ def test_cached_decoding_with_key_padding_equals_full_pass(name):
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[0, :2] = True  # left-padded prompt
     pad[1, 4] = True
-    full = m(x, key_padding_mask=pad)
+    want = mha_reference(m, x, pad)
+    assert_close(m(x, key_padding_mask=pad), want)
     cache = m.make_cache(2, 8)
     parts = [m(x[:, a:b], key_padding_mask=pad[:, a:b], cache=cache) for a, b in [(0, 3), (3, 4), (4, 7)]]
-    assert_close(torch.cat(parts, dim=1), full)
+    assert_close(torch.cat(parts, dim=1), want)
+
+
+@pytest.mark.parametrize("chunking", [[(0, 7), (7, 8), (8, 9), (9, 10)], [(0, 5), (5, 10)], [(0, 4), (4, 10)]],
+                         ids=["prefill7_steps", "two_long_chunks", "short_then_long"])
+def test_window_cache_keeps_the_padding_flags_of_the_newest_tokens(chunking):
+    """Chunks longer than the window (3): the ring keeps the last 3 tokens and their flags."""
+    m = _module("window")
+    assert isinstance(m.make_cache(2, 16), SlidingWindowCache) and m.make_cache(2, 16).window == 3
+    x = torch.randn(2, 10, 16, dtype=F64, generator=torch.Generator().manual_seed(4))
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[0, :3] = True  # left-padded prompt: the first tokens are padding, the window's are real
+    pad[1, [4, 6, 9]] = True  # padding inside the window of a long chunk
+    want = mha_reference(m, x, pad)
+    cache = m.make_cache(2, 16)
+    parts = [m(x[:, a:b], key_padding_mask=pad[:, a:b], cache=cache) for a, b in chunking]
+    assert_close(torch.cat(parts, dim=1), want)
+
+
+def test_window_cache_update_returns_the_newest_flags():
+    c = SlidingWindowCache(1, 3, 1, 1, F64)
+    vals = torch.arange(6, dtype=F64).view(1, 1, 6, 1)
+    valid = torch.tensor([[False, False, True, True, False, True]])
+    k, _, got = c.update(vals, vals, valid)
+    assert torch.equal(got, valid) and k.flatten().tolist() == list(range(6))
+    k, _, got = c.update(torch.full((1, 1, 1, 1), 6.0, dtype=F64), torch.zeros(1, 1, 1, 1, dtype=F64))
+    assert k.flatten().tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert got.tolist() == [[True, False, True, True]]
 
 
 def test_static_kv_cross_attention_reuses_context():
@@ -183,6 +216,31 @@ def test_static_kv_cross_attention_reuses_context():
     assert cache.filled and cache.length == 9
     second = m(x[:, 2:], context=torch.zeros_like(ctx), value=torch.zeros_like(val), cache=cache)
     assert_close(torch.cat([first, second], dim=1), full)
+
+
+@pytest.mark.parametrize("mem_len, segments", [(3, [5, 2, 4]), (4, [4, 4, 4]), (2, [1, 6, 3])])
+def test_xl_memory_keeps_the_newest_tokens(mem_len, segments):
+    """Segments longer than the memory: segment s (positions p..p+n-1) attends the last mem_len
+    tokens before p and itself, by the reference on the whole sequence with older keys masked."""
+    m = _module("xl")
+    N = sum(segments)
+    x = torch.randn(2, N, 16, dtype=F64, generator=torch.Generator().manual_seed(5))
+    mem = SegmentMemory(mem_len)
+    p = 0
+    for n in segments:
+        out = m(x[:, p:p + n], cache=mem)
+        old = torch.zeros(2, p + n, dtype=torch.bool)
+        old[:, :max(0, p - mem_len)] = True  # keys that have left the memory
+        assert_close(out, mha_reference(m, x[:, :p + n], old)[:, p:], msg=f"segment at {p}")
+        p += n
+        assert mem.length == p and mem.memory[0].shape[2] == min(mem_len, p)
+
+
+def test_segment_memory_after_keeps_the_last_mem_len():
+    mem = SegmentMemory(3)
+    k = torch.arange(5, dtype=F64).view(1, 1, 5, 1)
+    mem.after(k, -k, 5)
+    assert mem.memory[0].flatten().tolist() == [2.0, 3.0, 4.0] and mem.memory[1].flatten().tolist() == [-2.0, -3.0, -4.0]
 
 
 def test_xl_memory_is_detached_and_bounded():

@@ -92,3 +92,17 @@ def test_dropout_keep_neighbours_uncorrelated_and_seeds_independent():
     for x, y in ((a[:, 1:], a[:, :-1]), (a[1:], a[:-1]), (a, dropout_keep(2, 0.5, 0, 0, q, k).double())):
         r = torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1]
         assert abs(float(r)) < 6 / math.sqrt(n)
+
+
+def test_dropout_keep_batch_and_head_indices_matter():
+    """Patterns at different (b, h) agree on about half the positions at p = 1/2 (independent),
+    not on all of them: every sequence and every head gets its own pattern."""
+    q, k = torch.arange(64).view(-1, 1), torch.arange(128).view(1, -1)
+    base = dropout_keep(7, 0.5, 0, 0, q, k)
+    n = base.numel()
+    for b, h in ((1, 0), (0, 1), (5, 0), (0, 7), (3, 2), (1, 1)):
+        agree = float((dropout_keep(7, 0.5, b, h, q, k) == base).double().mean())
+        assert abs(agree - 0.5) < 6 * math.sqrt(0.25 / n), (b, h, agree)
+    # broadcasting over b and h gives the same bits as scalar coordinates
+    grid = dropout_keep(7, 0.5, torch.arange(2).view(-1, 1, 1, 1), torch.arange(3).view(1, -1, 1, 1), q, k)
+    assert torch.equal(grid[1, 2], dropout_keep(7, 0.5, 1, 2, q, k))

@@ -30,23 +30,43 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _seed_state(seed: int) -> torch.Tensor:
-    """The 0-d int64 hash state of a seed in [0, 2**64) (low half, then the high half if nonzero)."""
+def _mix32_int(x: int) -> int:
+    """lowbias32 on a Python int (same bits as ``mix32``)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _seed_state(seed: int) -> int:
+    """The hash state of a seed in [0, 2**64) (low half, then the high half if nonzero)."""
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    h = mix32(torch.as_tensor(seed & _M32, dtype=torch.int64))
+    h = _mix32_int(seed & _M32)
     if seed >> 32:
-        h = mix32(h ^ mix32(torch.as_tensor(seed >> 32, dtype=torch.int64) + 0x9E3779B9))
+        h = _mix32_int(h ^ _mix32_int((seed >> 32) + 0x9E3779B9))
     return h
 
 
 def hash_coords(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:
-    """Hash (seed, c0, c1, ...) to uniform 32-bit integers, broadcasting the coordinates."""
-    h = _seed_state(seed)
+    """Hash (seed, c0, c1, ...) to uniform 32-bit integers, broadcasting the coordinates.
+
+    The seed and Python-int coordinates are mixed as Python ints, so no tensor constant is
+    created: flex's compiled mask_mod (BigBird's random blocks) cannot lift constants made
+    inside it.
+    """
+    h: torch.Tensor | int = _seed_state(seed)
     for c in coords:
-        c = torch.as_tensor(c, dtype=torch.int64, device=h.device if not isinstance(c, torch.Tensor) else c.device)
-        h = mix32(h.to(c.device) ^ mix32(c + 0x9E3779B9))
-    return h
+        if isinstance(c, torch.Tensor):
+            hc = mix32(c.to(torch.int64) + 0x9E3779B9)
+            h = mix32(hc ^ (h.to(hc.device) if isinstance(h, torch.Tensor) else h))
+        elif isinstance(h, torch.Tensor):
+            h = mix32(h ^ _mix32_int(int(c) + 0x9E3779B9))
+        else:
+            h = _mix32_int(h ^ _mix32_int(int(c) + 0x9E3779B9))
+    return h if isinstance(h, torch.Tensor) else torch.tensor(h, dtype=torch.int64)
 
 
 def uniform(seed: int, *coords: torch.Tensor | int) -> torch.Tensor:

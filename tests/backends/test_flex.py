@@ -1,5 +1,6 @@
 """flex backend: values vs the reference on one small compiled shape, its block mask vs the spec's
-tiles, and its reasons. Compiling takes ~10 s per shape on CPU, so the compiled test is one call."""
+tiles (which blocks flex visits, and that FULL blocks are all-allowed and inside the key range),
+and its reasons. Compiling takes seconds per shape on CPU, so the compiled test is one call."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.strategies import Shape, make_qkv
 from tests.tolerances import assert_close
 
 flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+pytestmark = pytest.mark.usefixtures("flex_compile_budget")
 from attnkit.backends.flex import block_mask_for, reset_compile_cache  # noqa: E402
 
 
@@ -87,6 +89,48 @@ def test_block_masks_of_function_specs_are_never_cached():
     table[:130] = True
     b = block_mask_for(spec, 1, 1, 300, 520, "cpu").to_dense()
     assert a.sum() == 0 and b.sum() > 0
+
+
+def _blocks(num, idx, Tk):
+    """(Tq, Tk) bool from flex's per-row block counts num (Tq,) and indices idx (Tq, Tk)."""
+    out = torch.zeros(num.shape[0], Tk, dtype=torch.bool)
+    for r in range(num.shape[0]):
+        out[r, idx[r, :int(num[r])].long()] = True
+    return out
+
+
+FULL_CASES = {  # name -> mask for Nk keys
+    "causal": lambda nk: M.causal(),
+    "window": lambda nk: M.sliding_window(130, 7),
+    "prefix_lm": lambda nk: M.prefix_lm(200),
+    "everything": lambda nk: M.prefix_lm(nk),  # every pair allowed: every in-range block is FULL
+    "padding": lambda nk: M.key_padding(torch.tensor([nk - 1])),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_CASES))
+@pytest.mark.parametrize("nk", [520, 512])
+def test_block_mask_full_blocks_are_all_allowed_and_inside_nk(case, nk):
+    """A FULL block runs without mask_mod, so every pair in it (queries < Nq) must be allowed
+    and it must lie inside [0, Nk): a tail key block (Nk not a multiple of 128) is never FULL."""
+    Nq = 300
+    mask = FULL_CASES[case](nk)
+    bm = block_mask_for(mask, 1, 1, Nq, nk, "cpu")
+    Tq, Tk = -(-Nq // 128), -(-nk // 128)
+    full = _blocks(bm.full_kv_num_blocks[0, 0], bm.full_kv_indices[0, 0], Tk)
+    partial = _blocks(bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0], Tk)
+    assert not bool((full & partial).any())
+    dense = torch.zeros(Tq * 128, Tk * 128, dtype=torch.bool)  # keys past Nk: never allowed
+    dense[:Nq, :nk] = mask.to_dense(Nq, nk)[0, 0]
+    rows_past_nq = dense.clone()
+    rows_past_nq[Nq:] = True  # query rows past Nq do not exist: no constraint on them
+    all_allowed = rows_past_nq.view(Tq, 128, Tk, 128).all(dim=3).all(dim=1)
+    assert not bool((full & ~all_allowed).any()), f"FULL blocks with blocked pairs: {(full & ~all_allowed).nonzero()}"
+    assert torch.equal(full | partial, dense.view(Tq, 128, Tk, 128).any(dim=3).any(dim=1))
+    if nk % 128:
+        assert not bool(full[:, -1].any()), "the tail key block is marked FULL"
+    if case == "everything":  # FULL blocks are used where they are allowed
+        assert bool(full[:, :nk // 128].all())
 
 
 @pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(130, 7), M.prefix_lm(200)], ids=repr)

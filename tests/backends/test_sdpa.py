@@ -118,7 +118,17 @@ def test_sdpa_refuses_huge_dense_masks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_sdpa_runs_plain_calls_in_every_dtype(dtype):
+def test_sdpa_runs_plain_calls_in_every_dtype(dtype, monkeypatch):
+    """sdpa accepts these calls in every dtype, really calls torch's sdpa, returns the input dtype
+    and matches the float64 reference within the dtype's tolerance."""
+    seen = record_sdpa_calls(monkeypatch)
     q, k, v = make_qkv(Shape(2, 4, 2, 5, 6, 4, 3), dtype=dtype, requires_grad=False)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
     for kw in ({}, {"mask": M.causal()}, {"mask": M.sliding_window(2) | M.global_tokens(torch.tensor([0]))}):
         assert BACKENDS["sdpa"].not_supported_reasons(make_call(q, k, v, **kw)) == [], kw
+        calls = len(seen)
+        out = attnkit.attention(q, k, v, backend="sdpa", **kw)
+        assert len(seen) == calls + 1, kw
+        assert out.dtype == dtype and out.shape == (2, 4, 5, 3)
+        ref = attnkit.attention(q64, k64, v64, backend="reference", **kw)
+        torch.testing.assert_close(out.double(), ref, **tol(dtype, "sdpa"), msg=lambda m, kw=kw: f"{kw}: {m}")

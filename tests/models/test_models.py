@@ -1,7 +1,11 @@
-"""Reference models: cached generation equals recomputation, padding is respected, configs mix
-per-layer variants and positions."""
+"""Reference models: logits and greedy generation (cached and recomputed) equal an independent
+reference (tests/references.py: every layer by explicit formulas), sampling follows
+softmax(logits / temperature) over the top_k tokens, padding is respected, configs mix per-layer
+variants and positions."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -31,6 +35,8 @@ from attnkit.nn import (
     SlidingWindowCache,
     Softmax,
 )
+from tests.references import lm_reference
+from tests.tolerances import assert_close
 
 F64 = torch.float64
 
@@ -59,24 +65,65 @@ def _lm(kw, seed=0):
     return model
 
 
+def _greedy_reference(model, prompt, steps):
+    out = prompt
+    for _ in range(steps):
+        out = torch.cat([out, lm_reference(model, out)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(LM_CONFIGS))
 def test_generate_with_cache_equals_recomputation(name):
     model = _lm(LM_CONFIGS[name])
     prompt = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    want = _greedy_reference(model, prompt, 7)
     cached = model.generate(prompt, 7, temperature=0, use_cache=True)
     full = model.generate(prompt, 7, temperature=0, use_cache=False)
     assert cached.shape == (2, 12) and torch.equal(cached[:, :5], prompt)
-    assert torch.equal(cached, full)
-    # the logits themselves: prefill + steps == one full pass
+    assert torch.equal(cached, want) and torch.equal(full, want)
+    # the logits themselves: prefill + steps == the reference on the whole sequence
+    ref = lm_reference(model, want[:, :11])
+    assert_close(model(want[:, :11]), ref)
     caches = model.make_caches(2, 12)
-    step_logits = [model(cached[:, :5], caches=caches)]
-    step_logits += [model(cached[:, t:t + 1], caches=caches) for t in range(5, 11)]
-    torch.testing.assert_close(torch.cat(step_logits, 1), model(cached[:, :11]), atol=1e-10, rtol=1e-8)
+    step_logits = [model(want[:, :5], caches=caches)]
+    step_logits += [model(want[:, t:t + 1], caches=caches) for t in range(5, 11)]
+    assert_close(torch.cat(step_logits, 1), ref)
     # sampling with the same generator seed picks the same tokens too
     s1 = model.generate(prompt, 4, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(3))
     s2 = model.generate(prompt, 4, temperature=0.8, top_k=5, use_cache=False,
                         generator=torch.Generator().manual_seed(3))
     assert torch.equal(s1, s2)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.5, None), (2.0, None), (1.0, None), (0.7, 4)])
+def test_sampling_follows_softmax_of_logits_over_temperature(temperature, top_k):
+    """n draws of the first new token: each token's frequency is within 6 standard deviations
+    (plus 1/n) of softmax(logits / temperature) restricted to the top_k logits, from the
+    reference logits; tokens outside the top k are never drawn."""
+    model = _lm(LM_CONFIGS["softmax_rope"])
+    with torch.no_grad():  # logits spread over a few units: every token has some probability
+        model.embed.tok.weight.mul_(0.2)
+    prompt = torch.tensor([[3, 1, 4, 1]])
+    with torch.no_grad():
+        raw = lm_reference(model, prompt)[0, -1]  # (V,)
+    logits = raw / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], float("-inf"))
+    p = torch.softmax(logits, -1)
+    n = 20000
+    drawn = model.generate(prompt.expand(n, -1), 1, temperature=temperature, top_k=top_k,
+                           generator=torch.Generator().manual_seed(0))[:, -1]
+    freq = torch.bincount(drawn, minlength=11).double() / n
+    bound = 6 * (p * (1 - p) / n).sqrt() + 1.0 / n
+    assert bool(((freq - p).abs() <= bound).all()), (freq, p)
+    assert bool((freq[p == 0] == 0).all())
+    assert float(p.max()) < 1 - 1e-3 and float((p > 1e-3).sum()) >= 3  # not degenerate: the test can fail
+    # the scale of the check: a temperature off by a factor 2 moves some token's frequency well past the bound
+    for other in (temperature * 2, temperature / 2):
+        q = torch.softmax(raw / other, -1)
+        if top_k is None:
+            assert bool(((q - p).abs() > 2 * bound).any()), other
+    assert math.isclose(float(p.sum()), 1.0)
 
 
 def test_decoder_picks_cache_kinds_per_layer():

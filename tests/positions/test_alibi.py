@@ -94,7 +94,7 @@ def _backends():
     return [b for b in ("reference", "sdpa", "blockwise") if b in BACKENDS]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10**6), nq=st.integers(1, 9), extra=st.integers(0, 6), hk=st.sampled_from([1, 2]),
        groups=st.sampled_from([1, 3]), kind=st.sampled_from(["none", "causal", "window", "padding"]),
        symmetric=st.booleans())

@@ -99,7 +99,11 @@ def test_float64_formula(interleaved, rotary_dim):
         inv = torch.argsort(perm)
         want = _complex_rope(x[..., inv], pos, 10000.0, r)[..., perm]
         got = rope.rotate(x, pos)
-    torch.testing.assert_close(got, want, **tol(torch.float64))
+    # angles pos * theta of up to 1e5 rad carry an absolute rounding error of about pos * u, so
+    # the float64 tolerance scales with the largest position (relative to positions of ~1e3)
+    t = tol(torch.float64)
+    scale = max(1.0, float(pos.max()) / 1e3)
+    torch.testing.assert_close(got, want, atol=t["atol"] * scale, rtol=t["rtol"] * scale)
 
 
 def test_interleaved_equals_half_split_after_permutation():

@@ -43,7 +43,7 @@ def _mask(kind, B, nq, nk, g, as_tensor):
     return m.to_dense(nq, nk, batch=B, heads=1) if as_tensor else m
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10**6), nq=st.integers(1, 11), extra=st.integers(0, 7), hk=st.sampled_from([1, 2]),
        groups=st.sampled_from([1, 2]), K=st.integers(0, 5), chunk=st.sampled_from([1, 3, 128]), key_block=st.sampled_from([2, 5, 64]),
        kind=st.sampled_from(["none", "causal", "window", "padding", "empty", "causal_window"]), as_tensor=st.booleans(),

@@ -97,7 +97,7 @@ def _backends():
     return [b for b in ("reference", "sdpa", "blockwise") if b in BACKENDS]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10**6), nq=st.integers(1, 9), extra=st.integers(0, 150), hk=st.sampled_from([1, 2]),
        groups=st.sampled_from([1, 2]), kind=st.sampled_from(["none", "causal", "window", "padding"]))
 def test_attention_and_table_gradient_match_formula(seed, nq, extra, hk, groups, kind):

@@ -41,7 +41,7 @@ def _project(W_R, dim, H, D, nq, nk, causal_only=False):
     return (R @ W_R.t()).view(-1, H, D).transpose(0, 1)  # (H, L, D)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10**6), nq=st.integers(1, 9), mem=st.integers(0, 6), hk=st.sampled_from([1, 2]),
        groups=st.sampled_from([1, 2]), kind=st.sampled_from(["none", "causal", "window", "padding", "empty", "tensor"]),
        chunk=st.sampled_from([1, 4, 128]), key_block=st.sampled_from([2, 5, 64]))

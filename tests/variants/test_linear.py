@@ -1,7 +1,8 @@
 """Linear attention (attnkit.linear) against the float64 materialised formula.
 
 Naive formula: A = phi(q) phi(k)^T (B, Hq, Nq, Nk), zeroed where the mask blocks; out = A v / A 1
-(rows with no allowed key -> 0). Checked: non-causal and bottom-right causal on random shapes
+(rows with no allowed key -> 0), with phi written out here (x + 1 for x > 0, e^x otherwise: elu + 1,
+Katharopoulos et al. 2020), never the library's feature map. Checked: non-causal and bottom-right causal on random shapes
 (odd lengths, Nq != Nk, GQA, Dv != D), padding, fully masked rows, chunked == naive == recurrent
 step, prefill + steps, masks it must refuse, the module's padding conversion.
 """
@@ -20,7 +21,12 @@ from tests.strategies import Shape, make_qkv, shapes
 from tests.tolerances import assert_close
 
 
-def naive_linear(q, k, v, *, causal=False, valid=None, feature_map=elu_plus_one):
+def phi(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1 by its definition: x + 1 where x > 0, else exp(x)."""
+    return torch.where(x > 0, x + 1.0, torch.exp(x))
+
+
+def naive_linear(q, k, v, *, causal=False, valid=None, feature_map=phi):
     """Float64 materialised linear attention. valid: (B, Nk) bool, True = real key."""
     B, Hq, Nq, _ = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -168,12 +174,19 @@ def test_lower_precision_close_to_float64(dtype):
         assert_close(out, ref, dtype=dtype, backend="blockwise")
 
 
+def test_elu_plus_one_is_the_papers_feature_map():
+    x = torch.linspace(-30, 30, 241, dtype=torch.float64).requires_grad_()
+    got, want = elu_plus_one(x), phi(x)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0], grad=True)
+
+
 def test_custom_feature_map_and_eps():
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 1, 5, 3, generator=g, dtype=torch.float64) for _ in range(3))
     fm = lambda x: torch.cat([torch.relu(x), torch.relu(-x)], dim=-1) + 0.1  # F = 2D
     assert_close(linear_attention(q, k, v, feature_map=fm), naive_linear(q, k, v, feature_map=fm))
-    a = elu_plus_one(q) @ elu_plus_one(k).transpose(-1, -2)
+    a = phi(q) @ phi(k).transpose(-1, -2)
     ref = (a @ v) / (a.sum(-1, keepdim=True) + 1e-3)
     assert_close(linear_attention(q, k, v, eps=1e-3), ref)
 

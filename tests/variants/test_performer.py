@@ -130,6 +130,36 @@ def test_error_vs_softmax_shrinks_as_features_grow():
     assert errs[0] > 2 * errs[1] > 4 * errs[2]
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("stabilizer, eps", [("robust", 0.0), ("paper", 1e-4)])
+def test_garbage_in_padded_keys_changes_nothing(stabilizer, eps, causal):
+    """Peer-free padding check for both stabilisers: padded keys hold garbage that would set the
+    key stabiliser if padding were ignored there (zeros beat large real keys under "robust",
+    whose key logit is w.k - |k|^2/2; huge keys dominate w.k under "paper"). Each sequence's
+    result equals the computation on its truncated keys (and queries, when causal)."""
+    g = torch.Generator().manual_seed(6)
+    B, H, N, D = 3, 2, 9, 8
+    lengths = torch.tensor([9, 6, 4])
+    q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    if stabilizer == "robust":  # real keys with |k D^-1/4|^2 / 2 = 2000: every real key logit is far below 0
+        k = k / k.norm(dim=-1, keepdim=True) * (4000 ** 0.5) * D ** 0.25
+    v = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+    for b, n in enumerate(lengths.tolist()):
+        if n < N:
+            k[b, :, n] = 0.0  # a zero key
+            k[b, :, n + 1:] = 1e3 * torch.randn(H, N - n - 1, D, generator=g, dtype=torch.float64)  # huge keys
+            v[b, :, n:] = 1e6
+    w = _proj(16, D)
+    kw = {"projection": w, "eps": eps, "stabilizer": stabilizer, "causal": causal}
+    out = performer_attention(q, k, v, mask=M.key_padding(lengths), **kw)
+    assert torch.isfinite(out).all()
+    for b, n in enumerate(lengths.tolist()):
+        rows = slice(0, n) if causal else slice(0, N)
+        want = performer_attention(q[b:b + 1, :, rows], k[b:b + 1, :, :n], v[b:b + 1, :, :n], **kw)
+        assert_close(out[b:b + 1, :, rows], want, msg=f"sequence {b} (length {n})")
+
+
 def test_matches_performer_pytorch_on_the_same_projection():
     pp = pytest.importorskip("performer_pytorch")
     g = torch.Generator().manual_seed(4)
