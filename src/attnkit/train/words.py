@@ -41,7 +41,17 @@ def _split_word(text: str, what: str) -> tuple[str, str]:
 
 
 def build_from_word(cls, text: str, rest: str, *, what: str, context: dict | None = None):
-    """``cls(**options)`` from the option text after the colon (see the module docstring)."""
+    """``cls(**options)`` from the option text after the colon (see the module docstring); any
+    error is one line that starts with ``what`` and the word."""
+    try:
+        return _build(cls, text, rest, what=what, context=context)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(what):
+            raise ValueError(str(e)) from None
+        raise ValueError(f"{what} {text!r}: {e}") from None
+
+
+def _build(cls, text: str, rest: str, *, what: str, context: dict | None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     args, kw_nodes = parse_arguments(rest)
     kwargs = {}
@@ -51,8 +61,9 @@ def build_from_word(cls, text: str, rest: str, *, what: str, context: dict | Non
         kwargs[name] = build(node, MASK_NAMES) if name == "mask" and not _is_literal(node) else to_value(node)
     if args:
         if "mask" not in fields or len(args) > 1 or "mask" in kwargs:
-            takes = "one mask expression" if "mask" in fields else "no mask (options are name=value)"
-            raise ValueError(f"{what} {text!r}: {cls.__name__} takes {takes} before its name=value options")
+            takes = ("one mask expression before its name=value options" if "mask" in fields
+                     else "no mask; its options are name=value")
+            raise ValueError(f"{what} {text!r}: {cls.__name__} takes {takes}")
         kwargs["mask"] = build(args[0], MASK_NAMES)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -60,10 +71,7 @@ def build_from_word(cls, text: str, rest: str, *, what: str, context: dict | Non
             if context is None or name not in context:
                 raise ValueError(f"{what} {text!r}: {cls.__name__} needs {name}=...")
             kwargs[name] = context[name]
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} {text!r}: {e}") from None
+    return cls(**kwargs)
 
 
 def _is_literal(node) -> bool:
