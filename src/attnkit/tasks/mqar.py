@@ -57,7 +57,7 @@ class MQAR(Task):
     name = "mqar"
     kind = "lm"
     metric = "accuracy"
-    defaults = Defaults(layers=2, dim=64, heads=4, steps=1000, batch=64, lr=3e-3, position="learned", eval_every=100)
+    defaults = Defaults(layers=2, dim=64, heads=2, steps=1000, batch=64, lr=3e-3, position="rope", eval_every=100)
 
     def __post_init__(self):
         for f in ("vocab", "seq_len", "num_kv_pairs", "num_eval"):
