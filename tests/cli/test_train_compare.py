@@ -46,7 +46,7 @@ def test_train_writes_metrics_curve_plot_checkpoint(tmp_path, capsys):
     (["train", TASK, "--attention", "linear", "--position", "alibi"], "--position alibi: position=Alibi() changes"),
     (["train", TASK, "--attention", "additive", "--position", "rope"], "--position rope: position=Rope() rotates"),
     (["train", TASK, "--position", "sideways"], "--position: unknown position scheme 'sideways'"),
-    (["compare", TASK, "--variants", "softmax,nystrom"], "--variants/--positions nystrom with learned: --attention"),
+    (["compare", TASK, "--variants", "softmax,nystrom"], "--variants/--positions nystrom with rope: --attention"),
     (["compare", TASK, "--variants", "softmax", "--positions", "rope,t5:buckets=3"], "T5 has no option 'buckets'"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, word, capsys, tmp_path):
@@ -65,7 +65,7 @@ def test_compare_writes_tables_and_plots(tmp_path, capsys):
     assert {"params", "seconds", "tokens_per_s", "peak_memory_mib", "accuracy"} <= set(rows[0])
     assert all(float(r["seconds"]) > 0 and 0 <= float(r["accuracy"]) <= 1 for r in rows)
     md = (out / "results.md").read_text()
-    assert "| softmax | learned |" in md and "performer:num_features=8" in md
+    assert "| softmax | rope |" in md and "performer:num_features=8" in md
     for png in ("metric.png", "curves.png", "frontier.png"):
         assert (out / png).stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out

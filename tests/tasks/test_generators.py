@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from attnkit.tasks import IGNORE, MQAR, ListOps, SelectiveCopy, task_from_word
+from attnkit.tasks import IGNORE, MQAR, ListOps, SelectiveCopy
 from attnkit.tasks import listops as LO
 from attnkit.tasks.selective_copy import NOISE, SEP
+from attnkit.train.words import task_from_word
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8), dict(seq_len=128, num_kv_pairs=16)])

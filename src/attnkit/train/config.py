@@ -15,8 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..models import DecoderLM, LayerSpec, SequenceClassifier, TransformerConfig
-from ..tasks import Task, task_from_word
-from .words import attention_from_word, position_from_word
+from ..tasks import Task
+from .words import attention_from_word, position_from_word, task_from_word
 
 DEFAULTED = ("layers", "dim", "heads", "steps", "batch", "lr", "position", "eval_every")
 

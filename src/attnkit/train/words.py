@@ -18,10 +18,12 @@ Linformer's ``max_len``) come from ``context``. Nothing here branches on a word.
 from __future__ import annotations
 
 import dataclasses
+from functools import cache
 
 from .. import masks as M
 from .._expr import build, parse_arguments, split_top_level, to_value
 from ..nn.positions import POSITIONS
+from ..tasks import TASKS
 from ..variants import REGISTRY
 
 MASK_NAMES = {n: getattr(M, n) for n in ("causal", "sliding_window", "prefix_lm", "dilated", "strided", "fixed",
@@ -103,6 +105,16 @@ def position_from_word(text: str, *, what: str = "--position") -> tuple[str | No
     return None, build_from_word(POSITION_WORDS[word], text, rest, what=what)
 
 
+@cache
+def task_from_word(text: str, what: str = "TASK"):
+    """A task from ``WORD[:OPTIONS]`` (words: ``attnkit.tasks.TASKS``; cached, so that a task's
+    fixed evaluation set is made once per process)."""
+    word, rest = _split_word(text, what)
+    if word not in TASKS:
+        raise ValueError(f"{what}: unknown task {text!r}; known: {', '.join(TASKS)}")
+    return build_from_word(TASKS[word], text, rest, what=what)
+
+
 def split_list(text: str) -> list[str]:
     """A comma-separated list of words with options: ``softmax,"performer:num_features=64, causal=True",linear``.
 
@@ -118,5 +130,5 @@ def split_list(text: str) -> list[str]:
     return out
 
 
-__all__ = ["attention_from_word", "position_from_word", "build_from_word", "split_list", "POSITION_WORDS",
+__all__ = ["attention_from_word", "position_from_word", "task_from_word", "build_from_word", "split_list", "POSITION_WORDS",
            "ABSOLUTE", "MASK_NAMES"]
