@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from ..models import DecoderLM, LayerSpec, SequenceClassifier, TransformerConfig
 from ..tasks import Task
 from .words import attention_from_word, position_from_word, task_from_word
@@ -57,7 +59,6 @@ class RunConfig:
             raise ValueError(f"--seed must be an int >= 0, got {self.seed!r}")
         if self.dim % self.heads:
             raise ValueError(f"--dim {self.dim} must be divisible by --heads {self.heads}")
-        import torch
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
