@@ -190,11 +190,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, progress: bo
                 train_seconds += time.perf_counter() - ts
                 tokens += b.tokens
                 row = [step + 1, float(loss.detach()), float("nan")]
+                curve.append(row)  # before evaluating: a Ctrl-C from here on checkpoints this step
                 done = step + 1
                 if done % cfg.eval_every == 0 or done == cfg.steps:
                     final_eval = evaluate(model, task, cfg.batch, device)
                     row[2] = final_eval[task.metric_names()[0]]
-                curve.append(row)
                 bar.update(1, loss=row[1], acc=hits / max(n, 1), tok_s=tokens / max(train_seconds, 1e-9),
                            metric=row[2])
                 if done % cfg.eval_every == 0 and done < cfg.steps:
