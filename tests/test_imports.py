@@ -108,6 +108,9 @@ LAYERS = [  # lower layers never import higher ones (docs/index.md, "where thing
     {"attnkit.variants"},
     {"attnkit.nn"},
     {"attnkit.models"},
+    {"attnkit.tasks"},
+    {"attnkit.train"},
+    {"attnkit.cli"},
 ]
 
 

@@ -18,6 +18,8 @@ COMMANDS = {
     "demo": ("attnkit.cli.demo", "run every implemented variant on a default workload and check it against float64"),
     "show": ("attnkit.cli.show", "draw a mask spec (ASCII, PNG with --out) or a positional bias (heat map)"),
     "bench": ("attnkit.cli.bench", "benchmark backends and peers: time, peak memory, GFLOP/s"),
+    "train": ("attnkit.cli.train", "train a small model with one attention variant on a learning task"),
+    "compare": ("attnkit.cli.compare", "train several variants / position schemes on a task and tabulate them"),
 }
 
 USAGE_ERROR = 2  # bad input: argparse's status too

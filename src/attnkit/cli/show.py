@@ -13,13 +13,13 @@ an Nq x Nk matrix, so both sizes are capped at ``MAX_SIZE``.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import os
 
 import torch
 
 from .. import masks as M
+from .._expr import parse_expr
 from ..biases import Bias
 
 MAX_SIZE = 2048  # per side: show materialises the Nq x Nk matrix; a PNG cannot resolve more anyway
@@ -41,55 +41,10 @@ def _constructors() -> dict:
     return names
 
 
-def _to_value(node: ast.AST, where: str):
-    try:
-        value = ast.literal_eval(node)
-    except ValueError:
-        raise ValueError(f"{where}: {ast.unparse(node)!r} is not a literal (use numbers, strings, lists, "
-                         "True/False/None)") from None
-    if isinstance(value, list):
-        value = torch.tensor(value)
-        if value.dtype == torch.int64 and value.dim() == 2 and set(value.unique().tolist()) <= {0, 1}:
-            value = value.bool()  # 0/1 matrices are layouts
-    return value
-
-
-_OPERATORS = {ast.BitAnd: ("&", lambda a, b: a & b), ast.BitOr: ("|", lambda a, b: a | b),
-              ast.Add: ("+", lambda a, b: a + b)}
-
-
 def parse_spec(text: str, names: dict | None = None):
-    """Build a mask or bias spec from an expression such as ``causal & sliding_window(3)``."""
-    names = _constructors() if names is None else names
-
-    def build(node):
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            symbol, op = _OPERATORS[type(node.op)]
-            left, right = build(node.left), build(node.right)
-            kinds = {type(x).__name__ for x in (left, right)}
-            ok = (isinstance(left, M.Mask) and isinstance(right, M.Mask) and symbol != "+") or (
-                isinstance(left, Bias) and isinstance(right, Bias) and symbol == "+")
-            if not ok:
-                raise ValueError(f"cannot combine {' and '.join(sorted(kinds))} with {symbol!r}: masks combine "
-                                 "with & and |, biases with +; draw a bias under a mask with --mask")
-            return op(left, right)
-        if isinstance(node, ast.Name):
-            node = ast.Call(func=node, args=[], keywords=[])
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            name = node.func.id
-            if name not in names:
-                raise ValueError(f"unknown spec {name!r}; known: {', '.join(sorted(names))}")
-            args = [_to_value(a, name) for a in node.args]
-            kwargs = {kw.arg: _to_value(kw.value, name) for kw in node.keywords}
-            return names[name](*args, **kwargs)
-        raise ValueError(f"cannot read {ast.unparse(node)!r}: use constructor calls combined with & and | "
-                         "(masks) or + (biases)")
-
-    try:
-        tree = ast.parse(text, mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"SPEC {text!r} is not a valid expression: {e.msg}") from None
-    return build(tree.body)
+    """Build a mask or bias spec from an expression such as ``causal & sliding_window(3)``
+    (``attnkit._expr``: masks combine with & and |, biases with +)."""
+    return parse_expr(text, _constructors() if names is None else names)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,96 @@
+"""Multi-query associative recall (Zoology, Arora et al. 2023), as ``zoology/data/multiquery_ar.py``.
+
+Legend: B batch, L seq_len, P num_kv_pairs, V vocab.
+
+A sequence starts with P key-value pairs k1 v1 ... kP vP (keys distinct, from [1, V/2); values
+distinct, from [V/2, V)); the remaining L - 2P positions hold the P keys again as queries, each
+at an even offset 2 g from the end of the context, the gaps g drawn without replacement with
+p(g) ~ a g^(a-1), a = 0.01 (short gaps likelier); every other position holds a random token.
+The target at a query's position is its value (IGNORE elsewhere): a causal model must recall it
+from the context. Accuracy: the fraction of queries whose argmax is the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from .base import EVAL_SALT, IGNORE, Batch, Defaults, Task, pos_int, torch_gen
+
+
+def _distinct(b: int, low: int, high: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """(b, n) distinct integers from [low, high) per row."""
+    return torch.rand(b, high - low, generator=g).argsort(dim=1)[:, :n] + low
+
+
+def mqar_batch(b: int, *, vocab: int, seq_len: int, num_kv_pairs: int, g: torch.Generator,
+               power_a: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (b, L) tokens and y (b, L) targets (the value at each query position, IGNORE elsewhere)."""
+    P, L, V = num_kv_pairs, seq_len, vocab
+    ctx = 2 * P
+    keys = _distinct(b, 1, V // 2, P, g)                                    # (b, P)
+    values = _distinct(b, V // 2, V, P, g)                                  # (b, P)
+    space = (L - ctx) // 2
+    w = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.multinomial(w.expand(b, space), P, replacement=False, generator=g)  # (b, P)
+    x = torch.randint(0, V, (b, L), generator=g)                            # random non-query tokens
+    x[:, 0:ctx:2], x[:, 1:ctx:2] = keys, values
+    qpos = ctx + 2 * gaps                                                   # (b, P) query positions
+    x.scatter_(1, qpos, keys)
+    y = torch.full((b, L), IGNORE, dtype=torch.long)
+    y.scatter_(1, qpos, values)
+    return x, y
+
+
+@dataclass(frozen=True)
+class MQAR(Task):
+    """vocab V (keys from the lower half, values from the upper), seq_len L, num_kv_pairs P
+    (4 P <= L), num_eval: size of the fixed test set."""
+
+    vocab: int = 256
+    seq_len: int = 64
+    num_kv_pairs: int = 8
+    num_eval: int = 1000
+
+    name = "mqar"
+    kind = "lm"
+    metric = "accuracy"
+    # 4000 steps: softmax sits on the 1/8 plateau (one of the values, not which) until ~1800 (docs/quality.md)
+    defaults = Defaults(layers=2, dim=64, heads=2, steps=4000, batch=64, lr=3e-3, position="rope", eval_every=100)
+
+    def __post_init__(self):
+        for f in ("vocab", "seq_len", "num_kv_pairs", "num_eval"):
+            pos_int("mqar", f, getattr(self, f))
+        if 4 * self.num_kv_pairs > self.seq_len:
+            raise ValueError(f"mqar: seq_len={self.seq_len} must be >= 4 * num_kv_pairs = {4 * self.num_kv_pairs}")
+        if self.num_kv_pairs >= self.vocab // 2:
+            raise ValueError(f"mqar: num_kv_pairs={self.num_kv_pairs} needs vocab > {2 * self.num_kv_pairs + 1} "
+                             "(distinct keys from [1, V/2))")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    @property
+    def max_len(self) -> int:
+        return self.seq_len
+
+    def _batch(self, b: int, g: torch.Generator) -> Batch:
+        x, y = mqar_batch(b, vocab=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, g=g)
+        return Batch(x, y)
+
+    def train_batch(self, step: int, batch: int, seed: int) -> Batch:
+        return self._batch(batch, torch_gen(seed, step))
+
+    @cached_property
+    def _eval(self) -> Batch:
+        return self._batch(self.num_eval, torch_gen(0, 0, EVAL_SALT))
+
+    def eval_batches(self, batch: int) -> list[Batch]:
+        e = self._eval
+        return [Batch(e.x[i:i + batch], e.y[i:i + batch]) for i in range(0, self.num_eval, batch)]
+
+
+__all__ = ["MQAR", "mqar_batch"]

@@ -1,0 +1,106 @@
+"""The task generators: MQAR answers are in context, ListOps labels are the expressions' values,
+selective-copy targets are the data tokens in order, batches are pure functions of (seed, step)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from attnkit.tasks import IGNORE, MQAR, ListOps, SelectiveCopy
+from attnkit.tasks import listops as LO
+from attnkit.tasks.selective_copy import NOISE, SEP
+from attnkit.train.words import task_from_word
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8), dict(seq_len=128, num_kv_pairs=16)])
+def test_mqar_queries_have_their_answer_in_context(opts):
+    t = MQAR(**opts)
+    b = t.train_batch(3, 32, seed=5)
+    P, L, V = t.num_kv_pairs, t.seq_len, t.vocab
+    assert b.x.shape == b.y.shape == (32, L)
+    for x, y in zip(b.x.tolist(), b.y.tolist()):
+        keys, values = x[0:2 * P:2], x[1:2 * P:2]
+        assert len(set(keys)) == P and all(1 <= k < V // 2 for k in keys)
+        assert all(V // 2 <= v < V for v in values)
+        queries = [(i, x[i], y[i]) for i in range(L) if y[i] != IGNORE]
+        assert len(queries) == P  # every key is queried once, after the context
+        for i, key, value in queries:
+            assert i >= 2 * P and (i - 2 * P) % 2 == 0
+            assert value == values[keys.index(key)]  # the answer is the value that followed the key
+
+
+def test_batches_are_pure_functions_of_seed_and_step():
+    t = MQAR()
+    a, b, c = t.train_batch(7, 8, 1), t.train_batch(7, 8, 1), t.train_batch(8, 8, 1)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert not torch.equal(a.x, c.x)
+    assert not torch.equal(t.train_batch(7, 8, 2).x, a.x)
+
+
+def _eval_tokens(tokens: list[str]) -> int:
+    """Evaluate LRA ListOps tokens with an explicit stack (independent of the generator's tree)."""
+    stack: list = []
+    for tok in tokens:
+        if tok in LO.OPS:
+            stack.append([tok])
+        elif tok == "]":
+            op, *args = stack.pop()
+            val = {"[MIN": min(args), "[MAX": max(args), "[SM": sum(args) % 10,
+                   "[MED": int(sorted(args)[len(args) // 2] if len(args) % 2 else
+                               (sorted(args)[len(args) // 2 - 1] + sorted(args)[len(args) // 2]) / 2)}[op]
+            if stack:
+                stack[-1].append(val)
+            else:
+                return val
+        else:
+            assert tok.isdigit() and stack or len(tokens) == 1
+            if not stack:
+                return int(tok)
+            stack[-1].append(int(tok))
+    raise AssertionError(f"unbalanced expression {tokens}")
+
+
+def test_listops_labels_equal_a_direct_evaluation():
+    rng = random.Random(0)
+    for _ in range(300):
+        toks, label = LO.sample(rng, min_len=8, max_len=200, max_depth=10, max_args=10)
+        assert 8 <= len(toks) <= 200
+        assert label == _eval_tokens(toks)
+    t = ListOps(min_len=16, max_len=64, num_eval=8)
+    b = t.train_batch(0, 16, seed=0)
+    for row, pad, label in zip(b.x.tolist(), b.padding_mask.tolist(), b.y.tolist()):
+        toks = [LO.VOCAB[i] for i, p in zip(row, pad) if not p]
+        assert 16 <= len(toks) <= 64 and label == _eval_tokens(toks)
+
+
+def test_listops_operators_follow_the_grammar():
+    assert LO.evaluate(("[MED", [1, 2, 3, 9])) == 2  # int(median 2.5)
+    assert LO.evaluate(("[SM", [9, 8, ("[MAX", [3, 7])])) == 4
+    assert LO.tokens(("[MAX", [2, 9, ("[MIN", [4, 7]), 0])) == ["[MAX", "2", "9", "[MIN", "4", "7", "]", "0", "]"]
+    with pytest.raises(RuntimeError, match="no tree"):
+        LO.sample(random.Random(0), min_len=3, max_len=3, max_depth=2, max_args=2, max_tries=50)
+
+
+def test_selective_copy_targets_are_the_data_tokens_in_order():
+    t = SelectiveCopy(vocab=10, seq_len=20, num_tokens=5)
+    b = t.train_batch(0, 16, seed=3)
+    L, K = 20, 5
+    assert b.x.shape == (16, L + K)
+    for x, y in zip(b.x.tolist(), b.y.tolist()):
+        data = [v for v in x[:L] if v != NOISE]
+        assert len(data) == K and all(2 <= v < 10 for v in data) and x[L] == SEP
+        assert y[:L] == [IGNORE] * L and y[L:] == data
+        assert x[L + 1:] == data[:-1]  # teacher forcing
+
+
+@pytest.mark.parametrize("text, match", [
+    ("nope", "unknown task 'nope'"),
+    ("mqar:seq_len=8,num_kv_pairs=4", "seq_len=8 must be >= 4"),
+    ("mqar:pairs=3", "has no option 'pairs'"),
+    ("listops:min_len=9,max_len=3", "min_len=9 must be <= max_len=3"),
+])
+def test_bad_task_words(text, match):
+    with pytest.raises(ValueError, match=match):
+        task_from_word(text)
