@@ -126,9 +126,13 @@ def agree(record: dict, error: str | None, *, group, timeout: float, device) -> 
     bufs = [torch.empty_like(buf) for _ in range(world)]
     _wait(dist.all_gather(bufs, buf, group=group, async_op=True), timeout, "the other ranks' call records", rank)
     got = [json.loads(bytes(b[:int(s)].cpu().tolist()).decode()) for b, s in zip(bufs, sizes)]
-    errors = [f"rank {r}: {g['error']}" for r, g in enumerate(got) if g["error"]]
-    if errors:
-        raise RingMismatchError("ring attention: invalid input on " + "; ".join(errors))
+    by_error: dict[str, list[int]] = {}
+    for r, g in enumerate(got):
+        if g["error"]:
+            by_error.setdefault(g["error"], []).append(r)
+    if by_error:
+        said = [f"{'rank' if len(rs) == 1 else 'ranks'} {', '.join(map(str, rs))}: {e}" for e, rs in by_error.items()]
+        raise RingMismatchError("ring attention: invalid input on " + "; ".join(said))
     records = [g["record"] for g in got]
     diffs = []
     for key in records[0]:

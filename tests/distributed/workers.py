@@ -1,0 +1,116 @@
+"""Functions run on every rank by tests/distributed/test_ring.py (through attnkit's spawn helper).
+
+Each returns plain data (numbers, strings) for the test to assert on, so a failure shows in the
+test's own report. Legend: B batch, Hq / Hk heads, N global length, n = N / P, D head dim.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+import attnkit
+from attnkit import masks as M
+from attnkit.backends.blockwise import BlockwiseOptions
+from attnkit.biases import TensorBias
+from attnkit.distributed import RingOptions, count_bytes, ring_attention, shard_sequence
+from attnkit.positions import ALiBi
+
+B, HQ, N, D = 2, 4, 40, 8
+OPTS = RingOptions(timeout_s=60, block=BlockwiseOptions(block_q=4, block_k=4))
+
+
+def _cases(gen):
+    ids = torch.tensor([0] * 7 + [1] * 15 + [2] * 11 + [3] * 7)  # sorted document ids of the global sequence
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    dense_bias = torch.randn(1, HQ, N, N, generator=gen, dtype=torch.float64)
+    bool_mask = torch.rand(B, 1, N, N, generator=gen) < 0.7
+    # name: (layout, Hk, mask, bias builder (leaf -> spec) or None, bias leaf, softcap)
+    return {
+        "dense/contiguous": ("contiguous", HQ, None, None, None, None),
+        "dense/zigzag": ("zigzag", HQ, None, None, None, None),
+        "causal/contiguous": ("contiguous", HQ, M.causal(), None, None, None),
+        "causal/zigzag": ("zigzag", HQ, M.causal(), None, None, None),
+        "window/contiguous": ("contiguous", HQ, M.sliding_window(6), None, None, None),
+        "window/zigzag": ("zigzag", HQ, M.sliding_window(6, 2), None, None, None),
+        "document/zigzag": ("zigzag", HQ, M.document(ids) & M.causal(), None, None, None),
+        "alibi/zigzag": ("zigzag", HQ, M.causal(), lambda s: ALiBi(HQ, slopes=s), slopes, None),
+        "gqa/zigzag": ("zigzag", 2, M.causal(), None, None, None),
+        "mqa/contiguous": ("contiguous", 1, M.sliding_window(9), None, None, None),
+        "softcap/zigzag": ("zigzag", HQ, None, None, None, 5.0),
+        "tensors/contiguous": ("contiguous", 2, bool_mask, lambda t: TensorBias(t, N, N), dense_bias, None),
+    }
+
+
+def exactness(rank: int, world: int) -> dict:
+    """Per case: max |ring - single process| of out, dq, dk, dv, bias grads; bytes sent."""
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    for name, (layout, hk, mask, make_bias, leaf, softcap) in _cases(gen).items():
+        q = torch.randn(B, HQ, N, D, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(B, hk, N, D, generator=gen, dtype=torch.float64) for _ in range(2))
+        dout = torch.randn(B, HQ, N, D, generator=gen, dtype=torch.float64)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        bleaf = leaf.clone().requires_grad_() if leaf is not None else None
+        ref = attnkit.attention(*full, mask=mask, bias=make_bias(bleaf) if leaf is not None else None,
+                                softcap=softcap)
+        ref.backward(dout)
+        shard = lambda x: shard_sequence(x, 2, layout=layout)
+        local = [shard(t).requires_grad_() for t in (q, k, v)]
+        rleaf = leaf.clone().requires_grad_() if leaf is not None else None
+        with count_bytes() as c:
+            out = ring_attention(*local, mask=mask, bias=make_bias(rleaf) if leaf is not None else None,
+                                 softcap=softcap, layout=layout, options=OPTS)
+            out.backward(shard(dout))
+        errs = {"out": (out - shard(ref)).abs().max().item()}
+        for what, a, b in zip(("dq", "dk", "dv"), local, full):
+            errs[what] = (a.grad - shard(b.grad)).abs().max().item()
+        if rleaf is not None:
+            dist.all_reduce(rleaf.grad)  # each rank holds its share of a parameter's gradient
+            errs["bias"] = (rleaf.grad - bleaf.grad).abs().max().item()
+        results[name] = {"errors": errs, "sent": dict(c.sent), "kv_bytes": k.element_size() * 2 * k.numel() // world}
+    return results
+
+
+def mismatches(rank: int, world: int) -> list:
+    """Calls that disagree across ranks or are invalid on one rank: (error type, message, seconds)."""
+    gen = torch.Generator().manual_seed(1)
+    n = N // world
+    q, k, v = (torch.randn(B, HQ, n, D, generator=gen) for _ in range(3))
+    opts = RingOptions(timeout_s=20)
+    calls = [
+        ("shape", lambda: ring_attention(q[:, :, : n - 2] if rank == 1 else q, k, v, options=opts)),
+        ("dtype", lambda: ring_attention(*(t.double() if rank == 0 else t for t in (q, k, v)), options=opts)),
+        ("spec", lambda: ring_attention(q, k, v, mask=M.causal() if rank == 0 else None, options=opts)),
+        ("invalid on one rank", lambda: ring_attention(
+            q, k, v, mask=M.document(torch.zeros(N - (rank == 1), dtype=torch.long)), options=opts)),
+        ("odd zigzag", lambda: ring_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], options=opts)),
+    ]
+    out = []
+    for name, call in calls:
+        t0 = time.monotonic()
+        try:
+            call()
+            out.append((name, None, "no error", time.monotonic() - t0))
+        except Exception as e:  # noqa: BLE001 (the test asserts the type)
+            out.append((name, type(e).__name__, str(e), time.monotonic() - t0))
+    # after all that, a good call still works on every rank
+    ok = ring_attention(q, k, v, options=opts)
+    out.append(("good call after errors", None, str(tuple(ok.shape)), 0.0))
+    return out
+
+
+def silent_peer(rank: int, world: int) -> tuple:
+    """Rank 0 calls ring_attention; rank 1 never does: rank 0 must raise within its timeout."""
+    if rank == 1:
+        time.sleep(6.0)
+        return ("idle", None, 0.0)
+    q = torch.randn(1, 1, 4, 2)
+    t0 = time.monotonic()
+    try:
+        ring_attention(q, q, q, options=RingOptions(timeout_s=2.0))
+    except Exception as e:  # noqa: BLE001
+        return (type(e).__name__, str(e), time.monotonic() - t0)
+    return ("no error", None, time.monotonic() - t0)
