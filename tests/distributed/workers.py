@@ -15,7 +15,7 @@ import attnkit
 from attnkit import masks as M
 from attnkit.backends.blockwise import BlockwiseOptions
 from attnkit.biases import TensorBias
-from attnkit.distributed import RingOptions, count_bytes, ring_attention, shard_sequence
+from attnkit.distributed import RingOptions, count_bytes, gather_sequence, ring_attention, shard_sequence
 from attnkit.positions import ALiBi
 
 B, HQ, N, D = 2, 4, 40, 8
@@ -64,7 +64,8 @@ def exactness(rank: int, world: int) -> dict:
             out = ring_attention(*local, mask=mask, bias=make_bias(rleaf) if leaf is not None else None,
                                  softcap=softcap, layout=layout, options=OPTS)
             out.backward(shard(dout))
-        errs = {"out": (out - shard(ref)).abs().max().item()}
+        errs = {"out": (out - shard(ref)).abs().max().item(),
+                "gathered out": (gather_sequence(out.detach(), 2, layout=layout) - ref).abs().max().item()}
         for what, a, b in zip(("dq", "dk", "dv"), local, full):
             errs[what] = (a.grad - shard(b.grad)).abs().max().item()
         if rleaf is not None:
