@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit import masks as M
 from attnkit.backends.blockwise import BlockwiseOptions
-from attnkit.distributed.blocks import Kernel, backward_rect, final_lse, forward_rect, new_result, plan_rects
+from attnkit.distributed.blocks import (
+    Kernel,
+    backward_rect,
+    final_lse,
+    forward_rect,
+    need_matrix,
+    new_result,
+    plan_rects,
+)
 from attnkit.distributed.layout import local_positions
 from attnkit.distributed.ring import forwarded, last_step, sends_per_rank
 from attnkit.positions import ALiBi
@@ -105,19 +113,14 @@ def test_dense_bias_tensor_gradient_lands_in_each_rectangle():
     check(q, k, v, world=3, layout="zigzag", mask=M.causal(), bias=TensorBias(dense, 12, 12))
 
 
-def need_matrix(mask, world, layout, n):
-    return tuple(tuple(bool(rs) for rs in plan_rects(mask, None, rank=r, world=world, layout=layout, nq=n, nk=n,
-                                                     batch=1, heads=1)) for r in range(world))
-
-
 def test_causal_needs_and_sends():
     P = 4
-    contiguous = need_matrix(M.causal(), P, "contiguous", 8)
+    contiguous = need_matrix(M.causal(), world=P, layout="contiguous", nq=8, nk=8)
     assert contiguous == tuple(tuple(s <= r for s in range(P)) for r in range(P))
     assert sends_per_rank(contiguous) == [1, 2, 3, 0]  # rank r forwards shards r..0; rank P-1 none
-    zigzag = need_matrix(M.causal(), P, "zigzag", 8)
+    zigzag = need_matrix(M.causal(), world=P, layout="zigzag", nq=8, nk=8)
     assert all(all(row) for row in zigzag) and sends_per_rank(zigzag) == [P - 1] * P
-    window = need_matrix(M.sliding_window(3), P, "contiguous", 8)
+    window = need_matrix(M.sliding_window(3), world=P, layout="contiguous", nq=8, nk=8)
     assert sends_per_rank(window) == [1, 1, 1, 0]
     # zigzag causal: rank 0 holds chunks 0, 7 and rank 1 chunks 1, 6 (4 positions each); of the 4
     # rectangles only query chunk 7 against key chunks 1 and 6 are non-empty

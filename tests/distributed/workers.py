@@ -57,7 +57,7 @@ def exactness(rank: int, world: int) -> dict:
         ref = attnkit.attention(*full, mask=mask, bias=make_bias(bleaf) if leaf is not None else None,
                                 softcap=softcap)
         ref.backward(dout)
-        shard = lambda x: shard_sequence(x, 2, layout=layout)
+        shard = lambda x, layout=layout: shard_sequence(x, 2, layout=layout)
         local = [shard(t).requires_grad_() for t in (q, k, v)]
         rleaf = leaf.clone().requires_grad_() if leaf is not None else None
         with count_bytes() as c:

@@ -70,6 +70,12 @@ def plan_rects(mask, bias, *, rank: int, world: int, layout: str, nq: int, nk: i
     return tuple(out)
 
 
+def need_matrix(mask, *, world: int, layout: str, nq: int, nk: int, batch: int = 1, heads: int = 1) -> tuple:
+    """need[r][s] for every rank (what the ranks all-gather in a call), computed in one process."""
+    return tuple(tuple(bool(rs) for rs in plan_rects(mask, None, rank=r, world=world, layout=layout, nq=nq, nk=nk,
+                                                     batch=batch, heads=heads)) for r in range(world))
+
+
 def merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, o: torch.Tensor, s: torch.Tensor) -> None:
     """Fold a partial (o (B, Hq, n, Dv), s (B, Hq, n)) into out/lse rows in place.
 

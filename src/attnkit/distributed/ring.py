@@ -89,6 +89,20 @@ def sends_per_rank(need) -> list[int]:
     return [sum(forwarded(need, (r - t) % P, t) for t in range(P)) for r in range(P)]
 
 
+def expected_bytes(need, kv_bytes: int, acc_bytes: int) -> list[tuple[int, int]]:
+    """Per rank, the bytes the schedule sends in (forward, backward): K/V shards of ``kv_bytes``
+    each; in backward the same K/V shards plus one dK/dV accumulator (``acc_bytes``) per K/V hop
+    and per return hop to an owner."""
+    P = len(need)
+    sends = sends_per_rank(need)
+    returns = [0] * P
+    for j in range(P):
+        t = last_step(need, j)
+        if t > 0:
+            returns[(j + t) % P] += 1
+    return [(s * kv_bytes, s * kv_bytes + (s + ret) * acc_bytes) for s, ret in zip(sends, returns)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward and backward over the ring
 # ---------------------------------------------------------------------------------------------
