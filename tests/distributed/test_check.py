@@ -1,18 +1,20 @@
-"""The check command spawns its ranks, compares with one process and prints one line per rank."""
+"""The check command spawns its ranks, compares with one process and reports every rank."""
 
 import pytest
 
-from attnkit.distributed.check import main, mask_from_name
+from attnkit.distributed.check import config, format_reports, mask_from_name, run_rank
+from attnkit.distributed.launch import spawn
 
 
-def test_check_command_runs_a_small_ring_and_reports_every_rank(capsys):
-    code = main(["--seq-len", "48", "--heads", "2", "--kv-heads", "1", "--dim", "8", "--nproc", "2",
-                 "--dtype", "float64", "--mask", "document:3", "--timeout", "60"])
-    text = capsys.readouterr().out
-    assert code == 0, text
-    rows = [line.split() for line in text.splitlines()[2:]]
+def test_check_runs_a_small_ring_and_reports_every_rank():
+    cfg, _ = config(["--seq-len", "48", "--heads", "2", "--kv-heads", "1", "--dim", "8", "--dtype", "float64",
+                     "--mask", "document:3", "--timeout", "60"])
+    reports = spawn(run_rank, 2, cfg, timeout_s=60)
+    for r in reports:
+        assert r["ok"] and max(r["errors"].values()) < 1e-10, r
+        assert (r["sent_forward"], r["sent_backward"]) == (r["expected_forward"], r["expected_backward"])
+    rows = [line.split() for line in format_reports(reports, cfg).splitlines()[2:]]
     assert [r[0] for r in rows] == ["0", "1"] and all(r[-1] == "yes" for r in rows)
-    assert all(r[7] == r[8] for r in rows)  # bytes sent (fwd/bwd) equal the schedule's expectation
 
 
 def test_mask_names():

@@ -167,7 +167,7 @@ def format_reports(reports: list, cfg: dict) -> str:
         sent = f"{r['sent_forward'] / 2**20:.1f}/{r['sent_backward'] / 2**20:.1f}"
         exp = f"{r['expected_forward'] / 2**20:.1f}/{r['expected_backward'] / 2**20:.1f}"
         errs = r["errors"] or {}
-        e = lambda k: f"{errs[k]:9.2e}" if k in errs else f"{'-':>9}"
+        e = lambda k, errs=errs: f"{errs[k]:9.2e}" if k in errs else f"{'-':>9}"
         lines.append(f"{r['rank']:>4} {r['forward_s']:7.2f} {r['backward_s']:7.2f} {mib(r['rss_before_mib']):>8} "
                      f"{mib(r['peak_rss_mib'] if r['cuda_peak_mib'] is None else r['cuda_peak_mib']):>9} {mib(step):>9} "
                      f"{sent:>17} {exp:>15} {e('out')} {e('dq')} {e('dk')} {e('dv')}  "
@@ -175,7 +175,7 @@ def format_reports(reports: list, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def config(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m attnkit.distributed.check", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         mask_from_name(cfg["mask"], cfg["n"])
     except ValueError as e:
         p.error(str(e))
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = config(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         import torch.distributed as dist
 
