@@ -76,6 +76,9 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     from .layout import local_positions
     from .ring import RingOptions, expected_bytes, ring_attention
 
+    warm = torch.ones(1, requires_grad=True)  # torch's first backward(gradient) imports for ~1 s: not ours to time
+    (warm * 2).backward(torch.ones(1))
+    base, _ = _rss_mib()  # before any tensor of the check exists
     dtype, dev = getattr(torch, cfg["dtype"]), torch.device(cfg["device"])
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -96,8 +99,6 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     q, k, v = shard(1, H).requires_grad_(), shard(2, Hk).requires_grad_(), shard(3, Hk).requires_grad_()
     dout = shard(4, H)
     opts = RingOptions(timeout_s=cfg["timeout"])
-    warm = torch.ones(1, requires_grad=True)  # torch's first backward(gradient) imports for ~1 s: not ours to time
-    (warm * 2).backward(torch.ones(1))
     gc.collect()
     dist.barrier()
     before, _ = _rss_mib()
@@ -117,7 +118,7 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     exp_f, exp_b = expected_bytes(need, kv_bytes, acc_bytes)[rank]
     report = {
         "rank": rank, "world": world, "rows": list(q.shape), "forward_s": t1 - t0, "backward_s": t2 - t1,
-        "rss_before_mib": before, "peak_rss_mib": peak if reset else None,
+        "rss_base_mib": base, "rss_before_mib": before, "peak_rss_mib": peak if reset else None,
         "cuda_peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         "sent_forward": sent.sent.get("forward", 0), "sent_backward": sent.sent.get("backward", 0),
         "expected_forward": exp_f, "expected_backward": exp_b, "kv_shard_bytes": kv_bytes,
