@@ -162,13 +162,14 @@ def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
                                 phase="backward", what=f"the K/V shard of step {t + 1} (backward)")
         contrib = None
         if plan.rects[origin]:
-            contrib = torch.zeros(size, dtype=cdt, device=k.device)
+            # add into the accumulator when it is here (step 0), else into a buffer added on arrival
+            contrib = acc if acc_pending is None else torch.zeros(size, dtype=cdt, device=k.device)
             dk, dv = _unpack(contrib, k.shape, v.shape)
             for rect in plan.rects[origin]:
                 backward_rect(plan.kernel, rect, q, *kv, out, lse, dout, dq, dk, dv, bias_acc)
         if acc_pending is not None:
             acc_pending.wait()  # the accumulator of this step's shard has arrived
-        if contrib is not None:
+        if contrib is not None and contrib is not acc:
             acc.add_(contrib)
         sends, recvs, nxt_acc = [], [], None
         if send_kv:
