@@ -69,7 +69,7 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     import torch.distributed as dist
 
     from .._memory import reset_peak_rss
-    from ..backends.reference import compute_dtype
+    from .._numerics import compute_dtype
     from ..tolerances import tol
     from .blocks import need_matrix
     from .comm import count_bytes

@@ -71,6 +71,12 @@ class ShiftedMask(M.Mask):
     def __init__(self, inner: M.Mask, window: Window):
         self.inner, self.window = inner, window
 
+    # A shift keeps k - q up to a constant and keeps which of (b, h, k) the spec reads.
+    translation_invariant = property(lambda self: self.inner.translation_invariant)
+    key_only = property(lambda self: self.inner.key_only)
+    batch_size = property(lambda self: self.inner.batch_size)
+    num_heads = property(lambda self: self.inner.num_heads)
+
     def allows(self, b, h, q, k, *, num_keys=None):
         w = self.window
         return self.inner.allows(b, h, q + w.dq, k + w.dk, num_keys=w.Nk)

@@ -32,9 +32,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _validate as V
+from .._numerics import compute_dtype
 from ..backends.blockwise import BlockwiseOptions
-from ..backends.reference import compute_dtype
-from ..functional import _wrap_bias, _wrap_mask
+from ..biases import as_bias
+from ..masks import as_mask
 from . import layout as L
 from .blocks import Kernel, backward_rect, final_lse, forward_rect, new_result, plan_rects
 from .comm import DEFAULT_TIMEOUT_S, Comm, agree
@@ -245,9 +246,9 @@ def _local_plan(q, k, v, mask, bias, scale, softcap, layout, opts: RingOptions, 
     L.check_local_length(layout, nq, "the local query length q.shape[2]")
     L.check_local_length(layout, nk, "the local key length k.shape[2]")
     Nq, Nk = world * nq, world * nk
-    target = (B, Hq, Nq, Nk)
-    mask = _wrap_mask(mask, target, Nq, Nk, q)  # specs are checked against the global sizes
-    bias = _wrap_bias(bias, target, Nq, Nk, q)
+    sizes = {"batch": B, "heads": Hq, "nq": Nq, "nk": Nk, "device": q.device}
+    mask = as_mask(mask, **sizes)  # specs and tensors are checked against the global sizes
+    bias = as_bias(bias, **sizes)
     kern = Kernel(V.check_scale(scale, D), V.check_softcap(softcap), opts.block or BlockwiseOptions(),
                   compute_dtype(q.dtype))
     rects = plan_rects(mask, bias, rank=rank, world=world, layout=layout, nq=nq, nk=nk, batch=B, heads=Hq)
