@@ -108,6 +108,7 @@ LAYERS = [  # lower layers never import higher ones (docs/index.md, "where thing
     {"attnkit.variants"},
     {"attnkit.nn"},
     {"attnkit.models"},
+    {"attnkit.distributed"},
     {"attnkit.tasks"},
     {"attnkit.train"},
     {"attnkit.cli"},

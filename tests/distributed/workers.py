@@ -115,3 +115,53 @@ def silent_peer(rank: int, world: int) -> tuple:
     except Exception as e:  # noqa: BLE001
         return (type(e).__name__, str(e), time.monotonic() - t0)
     return ("no error", None, time.monotonic() - t0)
+
+
+def training_step(rank: int, world: int) -> dict:
+    """A DecoderLM training step (loss, every parameter's gradient) and a MultiHeadAttention call
+    on shards, against the same on the whole sequence in this process."""
+    import torch.nn.functional as F
+
+    from attnkit.distributed import ContextParallel
+    from attnkit.models import DecoderLM, LayerSpec, TransformerConfig
+    from attnkit.nn import Alibi, Rope
+    from attnkit.variants import Softmax
+
+    cp = ContextParallel(options=OPTS)
+    errs = {}
+    cfg = TransformerConfig(vocab_size=37, d_model=32, num_heads=4, num_kv_heads=2, num_layers=3, max_len=64,
+                            abs_position="learned",
+                            layers=(LayerSpec(Softmax(), Rope()), LayerSpec(Softmax(mask=M.sliding_window(5)), Rope()),
+                                    LayerSpec(Softmax(softcap=20.0), Alibi())))
+    torch.manual_seed(0)
+    model = DecoderLM(cfg).double()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 37, (2, N + 1), generator=gen)
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]  # next-token targets, shifted before sharding
+    loss = F.cross_entropy(model(inp).flatten(0, 1), tgt.flatten())
+    loss.backward()
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(cp.shard(inp, 1), context_parallel=cp)  # (B, n, V)
+    local = F.cross_entropy(logits.flatten(0, 1), cp.shard(tgt, 1).flatten(), reduction="sum") / tgt.numel()
+    local.backward()
+    shared = local.detach().clone()
+    dist.all_reduce(shared)
+    errs["loss"] = abs(shared.item() - loss.item())
+    for n, p in model.named_parameters():
+        dist.all_reduce(p.grad)  # each rank holds its tokens' share of the gradient
+        errs[f"grad {n}"] = (p.grad - full[n]).abs().max().item()
+
+    from attnkit import MultiHeadAttention
+
+    torch.manual_seed(1)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=1, attention=Softmax(mask=M.causal()), position=Alibi()).double()
+    x = torch.randn(2, N, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref = mha(x)
+    ref.sum().backward()
+    xs = cp.shard(x.detach(), 1).requires_grad_()
+    out = mha(xs, context_parallel=cp)
+    out.sum().backward()
+    errs["mha out"] = (out - cp.shard(ref, 1)).abs().max().item()
+    errs["mha dx"] = (xs.grad - cp.shard(x.grad, 1)).abs().max().item()
+    return errs

@@ -7,6 +7,8 @@ Legend: P ranks in the process group, N global sequence length, n = N / P per ra
   and backward, with every mask and bias spec evaluated at global positions.
 - ``shard_sequence`` / ``gather_sequence`` / ``shard_positions``: the layouts ("zigzag",
   "contiguous") and the global position ids of a shard (for RoPE).
+- ``ContextParallel(group, layout)``: pass it as ``context_parallel=`` to ``MultiHeadAttention``
+  (softmax variants) or ``DecoderLM`` to run them on a shard.
 - ``python -m attnkit.distributed.check`` (or under ``torchrun``) checks a ring against one
   process and prints per-rank peak memory and error.
 
@@ -14,12 +16,13 @@ Runs on any torch.distributed backend with point-to-point support: gloo on CPU, 
 """
 
 from .comm import RingMismatchError, RingTimeoutError, count_bytes
+from .context import ContextParallel
 from .layout import LAYOUTS, gather_sequence, shard_positions, shard_sequence
 from .offsets import ShiftedBias, ShiftedMask, Window, shift_bias, shift_mask
 from .ring import RingOptions, ring_attention
 
 __all__ = [
-    "ring_attention", "RingOptions", "RingMismatchError", "RingTimeoutError", "count_bytes",
+    "ring_attention", "RingOptions", "ContextParallel", "RingMismatchError", "RingTimeoutError", "count_bytes",
     "LAYOUTS", "shard_sequence", "gather_sequence", "shard_positions",
     "Window", "shift_mask", "shift_bias", "ShiftedMask", "ShiftedBias",
 ]

@@ -132,10 +132,10 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     refs = [torch.empty(B, H, N, D, dtype=dtype, device=dev)] * 2 + [torch.empty(B, Hk, N, D, dtype=dtype, device=dev)] * 2
     refs = [r.clone() for r in refs]
     if rank == 0:
-        import attnkit
+        from ..functional import attention
 
         leaves = [make(H, 1).requires_grad_(), make(Hk, 2).requires_grad_(), make(Hk, 3).requires_grad_()]
-        ref = attnkit.attention(*leaves, mask=mask)
+        ref = attention(*leaves, mask=mask)
         ref.backward(make(H, 4))
         refs = [ref.detach(), *(t.grad for t in leaves)]
     for r in refs:

@@ -38,14 +38,14 @@ class Embedder(nn.Module):
                         else A.SinusoidalPositionalEmbedding(cfg.d_model))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point():
             got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an integer tensor (B, N), got {got}")
         check_token_ids("tokens", tokens, self.tok.num_embeddings)
         h = self.tok(tokens)  # (B, N, E)
         if self.pos is not None:
-            h = self.pos(h, offset=offset)
+            h = self.pos(h, offset=offset, positions=positions)
         return self.drop(h)
 
 
@@ -73,8 +73,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, *, key_padding_mask=None, cache=None, context=None, context_padding_mask=None,
-                cross_cache=None):
-        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache))  # (B, N, E)
+                cross_cache=None, context_parallel=None):
+        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask=key_padding_mask, cache=cache,
+                                    context_parallel=context_parallel))  # (B, N, E)
         if self.cross is not None:
             if context is None:
                 raise ValueError("this block has cross-attention: pass context (the encoder output)")

@@ -17,7 +17,9 @@ class DecoderLM(nn.Module):
 
     forward(tokens (B, N), *, caches=None, padding_mask=None) -> logits (B, N, V). With
     ``caches`` (from ``make_caches``) the tokens continue the cached sequence: positions start
-    at the caches' length, and the caches are updated.
+    at the caches' length, and the caches are updated. With ``context_parallel=`` (an
+    ``attnkit.distributed.ContextParallel``) tokens are this rank's shard of the sequence and the
+    logits are the shard's (training and scoring; no caches, no padding mask).
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -36,13 +38,20 @@ class DecoderLM(nn.Module):
         return [blk.attn.make_cache(batch, max_len) for blk in self.blocks]
 
     def forward(self, tokens: torch.Tensor, *, caches: list | None = None,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, context_parallel=None) -> torch.Tensor:
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches has {len(caches)} entries, expected one per layer ({len(self.blocks)})")
+        cp, positions = context_parallel, None
+        if cp is not None:
+            if caches is not None or padding_mask is not None:
+                raise ValueError("context_parallel: caches and padding_mask are not supported (train or score "
+                                 "whole sequences; decode on one process)")
+            positions = cp.positions(tokens.shape[1], device=tokens.device)  # the shard's global positions
         offset = 0 if caches is None else caches[0].length
-        h = self.embed(tokens, offset)  # (B, N, E)
+        h = self.embed(tokens, offset, positions)  # (B, N, E)
         for i, blk in enumerate(self.blocks):
-            h = blk(h, key_padding_mask=padding_mask, cache=None if caches is None else caches[i])
+            h = blk(h, key_padding_mask=padding_mask, cache=None if caches is None else caches[i],
+                    context_parallel=cp)
         return self.head(self.norm(h))  # (B, N, V)
 
     @torch.no_grad()

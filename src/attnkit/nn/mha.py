@@ -143,7 +143,7 @@ class MultiHeadAttention(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 mask=None, key_padding_mask: torch.Tensor | None = None, torch_attn_mask: torch.Tensor | None = None,
-                cache=None, need_weights: bool = False, average_attn_weights: bool = True):
+                cache=None, need_weights: bool = False, average_attn_weights: bool = True, context_parallel=None):
         """Attend from x to itself (self-attention) or to ``context`` (cross-attention).
 
         Args:
@@ -161,6 +161,9 @@ class MultiHeadAttention(nn.Module):
             cache: from ``make_cache`` (self-attention) or a ``StaticKV`` (cross-attention).
             need_weights: also return the attention weights; average_attn_weights: mean over
                 heads (B, Nq, Nk) like torch, else per head (B, H, Nq, Nk).
+            context_parallel: an ``attnkit.distributed.ContextParallel``: x is this rank's shard of
+                a sequence sharded over its process group (self-attention, variants whose
+                ``context_parallel_reason()`` is None; ``mask`` a spec of the whole sequence).
 
         Returns: out (B, Nq, E), or (out, weights) when need_weights.
         """
@@ -168,7 +171,8 @@ class MultiHeadAttention(nn.Module):
             x = x.transpose(0, 1)
             context = None if context is None else context.transpose(0, 1)
             value = None if value is None else value.transpose(0, 1)
-        out, w = self._forward(x, context, value, mask, key_padding_mask, torch_attn_mask, cache, need_weights)
+        out, w = self._forward(x, context, value, mask, key_padding_mask, torch_attn_mask, cache, need_weights,
+                               context_parallel)
         if not self.batch_first:
             out = out.transpose(0, 1)  # (Nq, B, E)
         if not need_weights:
@@ -205,7 +209,22 @@ class MultiHeadAttention(nn.Module):
                              f"flag per {source} token this call adds (True = padding)")
         return ~key_padding_mask
 
-    def _forward(self, x, context, value, mask, key_padding_mask, torch_attn_mask, cache, need_weights):
+    def _context_parallel_reason(self, cross, mask, key_padding_mask, torch_attn_mask, cache, need_weights):
+        """Why this call cannot run on a sequence shard, or None."""
+        if self.pos is not None and self.pos.computes_attention:
+            return f"position={self.position!r} runs its own kernel"
+        checks = ((cross, "cross-attention (context=)"), (cache is not None, "a cache (decoding)"),
+                  (need_weights, "need_weights=True"), (key_padding_mask is not None, "key_padding_mask"),
+                  (torch_attn_mask is not None, "torch_attn_mask"),
+                  (isinstance(mask, torch.Tensor), "a mask tensor (pass a spec of the whole sequence)"),
+                  (self.training and self.dropout > 0, f"attention dropout={self.dropout} in training"))
+        for bad, what in checks:
+            if bad:
+                return f"{what} is not supported"
+        return self.attention.context_parallel_reason()
+
+    def _forward(self, x, context, value, mask, key_padding_mask, torch_attn_mask, cache, need_weights,
+                 context_parallel=None):
         self._check_input("x", x, self.embed_dim, None)
         B, Nq, _ = x.shape
         cross = context is not None
@@ -235,6 +254,11 @@ class MultiHeadAttention(nn.Module):
             what = f"position={self.position!r}" if own_kernel else f"{type(a).__name__} attention"
             raise ValueError(f"need_weights=True: {what} never forms the (Nq, Nk) weight matrix")
         self._check_cache(cache, cross)
+        cp = context_parallel
+        if cp is not None:
+            reason = self._context_parallel_reason(cross, mask, key_padding_mask, torch_attn_mask, cache, need_weights)
+            if reason:
+                raise ValueError(f"context_parallel: {reason}")
         key_valid = self._key_valid(key_padding_mask, B, key_in.shape[1], "context" if cross else "input")
         query_valid = key_valid if not cross and cache is None else None
         offset = 0 if cache is None or cross else cache.length
@@ -249,14 +273,16 @@ class MultiHeadAttention(nn.Module):
             v = self._heads(self.v_proj(val_in), self.num_kv_heads)  # (B, Hk, Nk, D)
             k = q if self.k_proj is None else self._heads(self.k_proj(key_in), self.num_kv_heads)  # (B, Hk, Nk, D)
             if self.pos is not None:
-                q, k = self.pos.rotate(q, k, q_offset=offset, k_offset=offset)
+                at = offset if cp is None else cp.positions(Nq, device=x.device)  # a shard's global positions
+                q, k = self.pos.rotate(q, k, q_offset=at, k_offset=at)
             if cache is not None:
                 k, v, key_valid = cache.update(k, v, key_valid)
         k, v = k.to(q.dtype), v.to(q.dtype)  # a cache keeps its own dtype (e.g. float32 under autocast)
         Nk = k.shape[2]
 
         tmask, tbias = TC.convert_attn_mask(torch_attn_mask, batch=B, num_heads=self.num_heads, nq=Nq, nk=Nk)
-        parts = [M.as_mask(mask, batch=B, heads=self.num_heads, nq=Nq, nk=Nk, device=x.device, name="mask",
+        parts = [mask if cp is not None else  # a spec of the whole sequence, checked by the ring
+                 M.as_mask(mask, batch=B, heads=self.num_heads, nq=Nq, nk=Nk, device=x.device, name="mask",
                            float_hint="torch's attn_mask (True = blocked, or float) goes to torch_attn_mask=")]
         parts.append(None if tmask is None else M.TensorMask(tmask, Nq, Nk))
         parts.append(None if key_valid is None else M.key_padding_from_bool(~key_valid))
@@ -272,8 +298,9 @@ class MultiHeadAttention(nn.Module):
             what = f"position={self.position!r}" if own_kernel else f"{type(a).__name__} attention"
             raise ValueError(f"{what} cannot add a float attn_mask to its scores; pass bool masks instead")
         attend = self.pos.attend if own_kernel else self.core
+        extra = {} if cp is None else {"context_parallel": cp}
         out, w = attend(q, k, v, mask=a.with_own_mask(combined), bias=bias, dropout_p=self.dropout if self.training else 0.0,
-                        need_weights=need_weights, cache=None if cross else cache, query_valid=query_valid)
+                        need_weights=need_weights, cache=None if cross else cache, query_valid=query_valid, **extra)
         if cache is not None:
             cache.after(k, v, Nq)
         out = out.transpose(1, 2).reshape(B, Nq, self.num_heads * self.head_dim)  # (B, Nq, H D)

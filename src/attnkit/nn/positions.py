@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..caches import SegmentMemory
@@ -51,7 +52,8 @@ class _Position(nn.Module):
 
     computes_attention = False
 
-    def rotate(self, q, k, *, q_offset: int, k_offset: int):
+    def rotate(self, q, k, *, q_offset, k_offset):
+        """Offsets: an int (positions offset + i) or an int tensor (N,) of positions."""
         return q, k
 
     def bias(self, *, nq: int, nk: int):
@@ -90,9 +92,11 @@ class RopePosition(_Position):
             raise ValueError(f"Rope needs an even head dim, got {head_dim}")
         self.rope = RotaryEmbedding(head_dim, base=spec.base, interleaved=spec.interleaved, rotary_dim=spec.rotary_dim)
 
-    def rotate(self, q, k, *, q_offset: int, k_offset: int):
-        """q (B, H, Nq, D) at positions q_offset + i; k (B, Hk, Nk, D) at k_offset + j."""
-        return self.rope.rotate(q, offset=q_offset), self.rope.rotate(k, offset=k_offset)
+    def rotate(self, q, k, *, q_offset, k_offset):
+        """q (B, H, Nq, D) at positions q_offset + i; k (B, Hk, Nk, D) at k_offset + j; an offset
+        may instead be an int tensor (N,) of positions (a context-parallel shard's)."""
+        at = lambda x, o: self.rope.rotate(x, o) if isinstance(o, torch.Tensor) else self.rope.rotate(x, offset=o)
+        return at(q, q_offset), at(k, k_offset)
 
 
 @dataclass(frozen=True)

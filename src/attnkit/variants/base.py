@@ -90,6 +90,10 @@ class Variant:
         """None if a cached pass equals the full pass, else why it cannot decode."""
         return f"{type(self).__name__} attention cannot decode with a cache"
 
+    def context_parallel_reason(self) -> str | None:
+        """None if the core runs on a sequence shard (``context_parallel=``), else why not."""
+        return f"{type(self).__name__} attention has no context-parallel form (ring attention is exact softmax)"
+
     def make_cache(self, *, max_batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device):
         """The cache this variant decodes with (called only when ``decode_reason()`` is None)."""
         return KVCache(max_batch, max_len, num_kv_heads, head_dim, dtype, device)

@@ -57,6 +57,9 @@ class Softmax(MaskedVariant):
                 return f"position={p}() runs its own kernel; backend={self.backend!r} cannot be honoured (use 'auto')"
         return reason
 
+    def context_parallel_reason(self) -> str | None:
+        return None
+
     def build_core(self, *, num_heads: int, num_kv_heads: int, head_dim: int) -> nn.Module:
         return SoftmaxCore(self)
 
@@ -68,8 +71,11 @@ class SoftmaxCore(nn.Module):
         super().__init__()
         self.spec = spec
 
-    def forward(self, q, k, v, *, mask, bias, dropout_p, need_weights, cache, query_valid=None):
+    def forward(self, q, k, v, *, mask, bias, dropout_p, need_weights, cache, query_valid=None,
+                context_parallel=None):
         s = self.spec
+        if context_parallel is not None:  # q, k, v are shards of a sequence: ring attention over the group
+            return context_parallel.attention(q, k, v, mask=mask, bias=bias, scale=s.scale, softcap=s.softcap), None
         res = attention(q, k, v, mask=mask, bias=bias, scale=s.scale, softcap=s.softcap, dropout_p=dropout_p,
                         backend=s.backend, return_weights=need_weights)
         return res if need_weights else (res, None)
