@@ -77,7 +77,7 @@ def need_matrix(mask, *, world: int, layout: str, nq: int, nk: int, batch: int =
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, o: torch.Tensor, s: torch.Tensor) -> None:
-    """Fold a partial (o (B, Hq, n, Dv), s (B, Hq, n)) into out/lse rows in place.
+    """Fold a partial (o (B, Hq, n, Dv), s (B, Hq, n)) into out/lse rows in place (o is consumed).
 
     Running lse is -inf on rows with no allowed key yet; block_forward marks those rows +inf."""
     s = s.masked_fill(s == float("inf"), float("-inf"))
@@ -85,7 +85,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, rows: slice, o: torch.Tensor, s:
     new = torch.logaddexp(old, s)
     ref = new.masked_fill(new == float("-inf"), 0.0)
     a, b = torch.exp(old - ref).unsqueeze(-1), torch.exp(s - ref).unsqueeze(-1)  # (B, Hq, n, 1)
-    out[:, :, rows] = out[:, :, rows] * a + o.to(out.dtype) * b
+    out[:, :, rows].mul_(a).add_(o.to(out.dtype).mul_(b))  # in place: no output-sized temporaries
     lse[:, :, rows] = new
 
 

@@ -109,9 +109,13 @@ def expected_bytes(need, kv_bytes: int, acc_bytes: int) -> list[tuple[int, int]]
 # ---------------------------------------------------------------------------------------------
 
 
-def _pack(a: torch.Tensor, b: torch.Tensor, dtype=None) -> torch.Tensor:
-    """One flat buffer holding a then b (one message per transfer)."""
-    return torch.cat([a.reshape(-1), b.reshape(-1)]).to(dtype or a.dtype)
+def _kv_messages(kv, peer: int, tag: int) -> list:
+    """K and V as two messages (tags 2 * tag, 2 * tag + 1): sent from where they lie, no packing copy."""
+    return [(x, peer, 2 * tag + i) for i, x in enumerate(kv)]
+
+
+def _empty_kv(k, v):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))  # contiguous
 
 
 def _unpack(flat: torch.Tensor, k_shape, v_shape):
@@ -125,21 +129,17 @@ def ring_forward(plan: RingPlan, comm: Comm, q, k, v):
     """This rank's (out (B, Hq, nq, Dv), running lse (B, Hq, nq)) in the compute dtype."""
     P, r, need = plan.world, plan.rank, plan.need
     out, lse = new_result(q, v.shape[-1], plan.kernel.dtype)
-    cur = _pack(k, v) if forwarded(need, r, 0) else None
-    kv = (k, v)
+    kv = (k.contiguous(), v.contiguous())  # messages need contiguous tensors (a copy only for views)
     for t in range(P):
         origin = (r - t) % P
-        sends = [(cur, (r + 1) % P, t)] if forwarded(need, origin, t) else []
-        nxt = None
-        if forwarded(need, (r - t - 1) % P, t):
-            nxt = torch.empty(k.numel() + v.numel(), dtype=k.dtype, device=k.device)
-        recvs = [(nxt, (r - 1) % P, t)] if nxt is not None else []
+        sends = _kv_messages(kv, (r + 1) % P, t) if forwarded(need, origin, t) else []
+        nxt = _empty_kv(k, v) if forwarded(need, (r - t - 1) % P, t) else None
+        recvs = _kv_messages(nxt, (r - 1) % P, t) if nxt is not None else []
         pending = comm.start(sends, recvs, phase="forward", what=f"the K/V shard of step {t + 1} (forward)")
         for rect in plan.rects[origin]:
             forward_rect(plan.kernel, rect, q, *kv, out, lse)
         pending.wait()
-        cur = nxt
-        kv = _unpack(nxt, k.shape, v.shape) if nxt is not None else None
+        kv = nxt
     return out, lse
 
 
@@ -151,15 +151,15 @@ def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
                 for t in plan.bias_tensors]
     lse = final_lse(lse)
     size = k.numel() + v.numel()
-    kv, cur = (k, v), (_pack(k, v) if forwarded(need, r, 0) else None)
+    kv = (k.contiguous(), v.contiguous())  # messages need contiguous tensors (a copy only for views)
     own = acc = torch.zeros(size, dtype=cdt, device=k.device)  # dK/dV of this rank's shard, packed
     acc_pending, returned = None, None
     for t in range(P):
         origin = (r - t) % P
         send_kv, recv_kv = forwarded(need, origin, t), forwarded(need, (r - t - 1) % P, t)
-        nxt = torch.empty(size, dtype=k.dtype, device=k.device) if recv_kv else None
-        kv_pending = comm.start([(cur, (r + 1) % P, 3 * t)] if send_kv else [],
-                                [(nxt, (r - 1) % P, 3 * t)] if recv_kv else [],
+        nxt = _empty_kv(k, v) if recv_kv else None
+        kv_pending = comm.start(_kv_messages(kv, (r + 1) % P, 2 * t) if send_kv else [],
+                                _kv_messages(nxt, (r - 1) % P, 2 * t) if recv_kv else [],
                                 phase="backward", what=f"the K/V shard of step {t + 1} (backward)")
         contrib = None
         if plan.rects[origin]:
@@ -174,19 +174,18 @@ def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
             acc.add_(contrib)
         sends, recvs, nxt_acc = [], [], None
         if send_kv:
-            sends.append((acc, (r + 1) % P, 3 * t + 1))
+            sends.append((acc, (r + 1) % P, 4 * t + 2))
         elif t == last_step(need, origin) and origin != r:
-            sends.append((acc, origin, 3 * t + 2))  # back to its owner
+            sends.append((acc, origin, 4 * t + 3))  # back to its owner
         if recv_kv:
             nxt_acc = torch.empty(size, dtype=cdt, device=k.device)
-            recvs.append((nxt_acc, (r - 1) % P, 3 * t + 1))
+            recvs.append((nxt_acc, (r - 1) % P, 4 * t + 2))
         if t == last_step(need, r) and t > 0:
             returned = torch.empty(size, dtype=cdt, device=k.device)
-            recvs.append((returned, (r + t) % P, 3 * t + 2))
+            recvs.append((returned, (r + t) % P, 4 * t + 3))
         acc_pending = comm.start(sends, recvs, phase="backward", what=f"the dK/dV accumulators of step {t}")
         kv_pending.wait()
-        cur, acc = nxt, nxt_acc
-        kv = _unpack(nxt, k.shape, v.shape) if nxt is not None else None
+        kv, acc = nxt, nxt_acc
     acc_pending.wait()
     dk, dv = _unpack(returned if returned is not None else own, k.shape, v.shape)
     return dq, dk, dv, bias_acc
