@@ -8,7 +8,7 @@ the K/V shard of origin (r - t) mod P, received from rank r - 1 while step t - 1
 transfer of the next shard is posted before the compute of the current one: communication
 overlaps compute). Partial results merge by log-sum-exp (Liu, Zaharia & Abbeel 2023, "Ring
 Attention with Blockwise Transformers"; the block kernel is FlashAttention-2's online softmax).
-Only the Hk key/value heads travel, K and V packed in one message.
+Only the Hk key/value heads travel (K and V as two messages, sent from where they lie).
 
 Schedule (identical on every rank, so no rank waits for a message nobody sends):
 - ``need[r][s]``: queries of r have a non-empty rectangle with keys of s (all-gathered once
@@ -20,8 +20,10 @@ Schedule (identical on every rank, so no rank waits for a message nobody sends):
   dq stays local. Bias gradients are this rank's share; sum them over the group, like any
   parameter gradient of a context-parallel step.
 
-Memory per rank: O((nq + nk) * H * D) for the shards, two K/V buffers (current and next) and, in
-backward, two accumulators, plus the block kernel's tile workspace: it falls as 1/P.
+Memory per rank: the shards O((nq + nk) H D), two K/V shards in flight (current and next) and,
+in backward, the dK/dV accumulators (this step's, the next one's, and a buffer for this step's
+contribution while its accumulator is on the way), plus the block kernel's tile workspace, which
+does not depend on N or P (``BlockwiseOptions.item_elements``): a / P + c.
 """
 
 from __future__ import annotations
