@@ -154,7 +154,8 @@ def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
     lse = final_lse(lse)
     size = k.numel() + v.numel()
     kv = (k.contiguous(), v.contiguous())  # messages need contiguous tensors (a copy only for views)
-    own = acc = torch.zeros(size, dtype=cdt, device=k.device)  # dK/dV of this rank's shard, packed
+    acc = torch.zeros(size, dtype=cdt, device=k.device)  # dK/dV of this rank's shard, packed
+    own = acc if last_step(need, r) == 0 else None  # kept only if it never leaves (else it comes back)
     acc_pending, returned = None, None
     for t in range(P):
         origin = (r - t) % P
@@ -189,7 +190,7 @@ def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
         kv_pending.wait()
         kv, acc = nxt, nxt_acc
     acc_pending.wait()
-    dk, dv = _unpack(returned if returned is not None else own, k.shape, v.shape)
+    dk, dv = _unpack(own if returned is None else returned, k.shape, v.shape)
     return dq, dk, dv, bias_acc
 
 
