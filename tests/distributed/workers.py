@@ -72,7 +72,29 @@ def exactness(rank: int, world: int) -> dict:
             dist.all_reduce(rleaf.grad)  # each rank holds its share of a parameter's gradient
             errs["bias"] = (rleaf.grad - bleaf.grad).abs().max().item()
         results[name] = {"errors": errs, "sent": dict(c.sent), "kv_bytes": k.element_size() * 2 * k.numel() // world}
+    results["bfloat16"] = _half_precision(rank, world, gen)
     return results
+
+
+def _half_precision(rank: int, world: int, gen) -> dict:
+    """bfloat16 shards (K/V travel in bfloat16, statistics and dK/dV accumulators in float32)
+    against a float64 single-process run: errors relative to the bfloat16 tolerance."""
+    from attnkit.tolerances import tol
+
+    q, k, v, dout = (torch.randn(B, h, N, D, generator=gen, dtype=torch.float64) for h in (HQ, 2, 2, HQ))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attnkit.attention(*full, mask=M.causal())
+    ref.backward(dout)
+    local = [shard_sequence(t, 2).to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, mask=M.causal(), options=OPTS)
+    out.backward(shard_sequence(dout, 2).to(torch.bfloat16))
+    errs = {}
+    for name, a, b, grad in (("out", out, ref, False), *((n, t.grad, f.grad, True) for n, t, f in
+                                                            zip(("dq", "dk", "dv"), local, full))):
+        t = tol(torch.bfloat16, "blockwise", grad)
+        want = shard_sequence(b.detach(), 2)
+        errs[name] = ((a.double() - want).abs() / (t["atol"] + t["rtol"] * want.abs())).max().item()
+    return {"relative": errs, "dtypes": [str(t.grad.dtype) for t in local] + [str(out.dtype)]}
 
 
 def mismatches(rank: int, world: int) -> list:
