@@ -223,7 +223,8 @@ def _describe(x) -> str:
 
 
 def _digest(obj, depth: int = 0):
-    """Shapes and sums of the tensors a spec carries, so ranks holding different data disagree."""
+    """Shapes and sums of the tensors a spec carries (public attributes: private ones are caches
+    that may differ between ranks), so ranks holding different data disagree."""
     if isinstance(obj, torch.Tensor):
         return [list(obj.shape), str(obj.dtype), float(obj.detach().to(torch.float64).sum())]
     if depth > 3:
@@ -231,7 +232,8 @@ def _digest(obj, depth: int = 0):
     if isinstance(obj, (tuple, list)):
         return [_digest(x, depth + 1) for x in obj]
     if hasattr(obj, "__dict__"):
-        return {k: d for k, x in sorted(vars(obj).items()) if (d := _digest(x, depth + 1)) is not None}
+        return {k: d for k, x in sorted(vars(obj).items())
+                if not k.startswith("_") and (d := _digest(x, depth + 1)) is not None}
     return None
 
 
