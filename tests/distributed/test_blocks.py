@@ -140,3 +140,11 @@ def test_schedule_delivers_every_needed_shard_and_returns_accumulators(P, data):
         if t >= last_step(need, origin):
             assert not forwarded(need, origin, t)
     assert sum(sends_per_rank(need)) == sum(last_step(need, j) for j in range(P))
+
+
+def test_learnable_t5_table_gets_its_gradient_at_global_offsets():
+    from attnkit.positions import T5Bias
+
+    q, k, v = (t.detach() for t in make_qkv(Shape(2, 4, 2, 24, 24, 4, 4), seed=2))
+    table = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    check(q, k, v, world=4, layout="zigzag", mask=M.sliding_window(9, 3), bias=T5Bias(table, max_distance=12))
