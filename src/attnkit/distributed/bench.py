@@ -18,7 +18,9 @@ fresh processes: max error of the output against a float64 single-process run, f
 the memory before it. On CPU torch's ring is not used: SDPA's CPU operator
 (``_scaled_dot_product_flash_attention_for_cpu``) is not among the operators its context-parallel
 handler maps to a ring, so DTensor propagates the sharding through SDPA's decomposition (the
-first call of a shape spends minutes there) and redistributes K/V.
+first call of a shape spends a minute or more there) and redistributes q, k, v; with H divisible
+by P it returns a head shard of the whole sequence instead of the sequence shard (reported in
+the table's "output per rank" column, and compared with the matching slice).
 """
 
 from __future__ import annotations
@@ -117,9 +119,16 @@ def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> di
                 out = F.scaled_dot_product_attention(q, k, v)
                 times.append(time.perf_counter() - t0)
                 peak = peak_rss_mib()
-    ref = torch.load(ref_path)[:, :, pos]
+    ref = torch.load(ref_path)  # (B, H, N, D)
+    B, H, N, D = ref.shape
+    if tuple(out.shape) == (B, H, N // world, D):  # this rank's sequence shard (zigzag = torch's head-tail)
+        got, ref = "sequence shard", ref[:, :, pos]
+    elif tuple(out.shape) == (B, H // world, N, D):  # DTensor chose to shard heads: every position, H / P heads
+        got, ref = "head shard (all N)", ref[:, rank * (H // world):(rank + 1) * (H // world)]
+    else:
+        raise RuntimeError(f"{impl} returned shape {tuple(out.shape)} for a ({B}, {H}, {N}, {D}) problem on {world} ranks")
     return {"rank": rank, "err": float((out.double() - ref).abs().max()), "first_s": times[0],
-            "time_s": min(times[1:]), "step_mib": peak - before}
+            "time_s": min(times[1:]), "step_mib": peak - before, "output": f"{got} {tuple(out.shape)}"}
 
 
 def compare_torch(args) -> list[dict]:
@@ -142,7 +151,7 @@ def compare_torch(args) -> list[dict]:
                 load = _load()
                 reports = spawn(cp_forward, P, cfg, impl, path, timeout_s=args.timeout, threads=1,
                                 deadline_s=4 * args.timeout)
-                rows.append({"P": P, "impl": impl, "err": max(r["err"] for r in reports),
+                rows.append({"P": P, "impl": impl, "err": max(r["err"] for r in reports), "output": reports[0]["output"],
                              "first_s": max(r["first_s"] for r in reports), "time_s": max(r["time_s"] for r in reports),
                              "step_mib": max(r["step_mib"] for r in reports), "load": load})
                 print(f"# P={P} {impl} done, load average before: {load}", file=sys.stderr, flush=True)
@@ -150,11 +159,12 @@ def compare_torch(args) -> list[dict]:
         os.unlink(path)
     print(f"non-causal forward, B={args.batch}, H={args.heads}, N={args.seq_len}, D={args.dim}, float32, gloo, "
           f"1 thread per rank; max over ranks")
-    print(f"| P | implementation | max error vs float64 | first call s | forward s (best of {args.repeats} more) "
-          "| peak MiB of the call |")
-    print("|---|---|---|---|---|---|")
+    print(f"| P | implementation | output per rank | max error vs float64 | first call s | forward s (best of "
+          f"{args.repeats} more) | peak MiB of the call |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['P']} | {r['impl']} | {r['err']:.2e} | {r['first_s']:.1f} | {r['time_s']:.2f} | {r['step_mib']:.0f} |")
+        print(f"| {r['P']} | {r['impl']} | {r['output']} | {r['err']:.2e} | {r['first_s']:.1f} | {r['time_s']:.2f} "
+              f"| {r['step_mib']:.0f} |")
     return rows
 
 
