@@ -14,8 +14,9 @@ the global K/V volume.
 torch: non-causal attention, the case torch 2.13's ``context_parallel`` runs on CPU (its CPU
 SDPA has a forward sharding rule only; causal and backward raise). Per implementation and P, in
 fresh processes: max error of the output against a float64 single-process run, forward time
-(the first call, and the best of the ``--repeats`` later ones) and peak memory of the call above
-the memory before it. On CPU torch's ring is not used: SDPA's CPU operator
+(the first call, and the best of the ``--repeats`` later ones) and peak memory of the first call
+above the memory before it (later calls reuse what the first one grew). On CPU torch's ring is
+not used: SDPA's CPU operator
 (``_scaled_dot_product_flash_attention_for_cpu``) is not among the operators its context-parallel
 handler maps to a ring, so DTensor propagates the sharding through SDPA's decomposition (the
 first call of a shape spends a minute or more there) and redistributes q, k, v; with H divisible
@@ -48,8 +49,13 @@ def memory(args) -> list[dict]:
     from .check import run_rank
     from .launch import spawn
 
+    print(f"ring attention memory: B={args.batch}, H={args.heads}, N={args.seq_len}, D={args.dim}, mask={args.mask}, "
+          f"layout={args.layout}, {args.dtype}, gloo, 1 thread per rank")
+    print("| P | rank | attention MiB (peak - base) | step MiB (peak - before) | fwd s | bwd s "
+          "| sent fwd MiB (expected) | sent bwd MiB (expected) | fwd sent / global K,V | load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
-    for P in args.procs:
+    for P in args.procs:  # each P's rows print when it ends (a long run keeps what it measured)
         cfg = {"n": args.seq_len, "batch": args.batch, "heads": args.heads, "kv_heads": None, "dim": args.dim,
                "mask": args.mask, "layout": args.layout, "dtype": args.dtype, "device": "cpu",
                "timeout": args.timeout, "no_reference": True}
@@ -57,21 +63,16 @@ def memory(args) -> list[dict]:
         reports = spawn(run_rank, P, cfg, timeout_s=args.timeout, threads=1, deadline_s=4 * args.timeout)
         kv_global = 2 * args.batch * args.heads * args.seq_len * args.dim * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
         for r in reports:
-            rows.append({"P": P, "rank": r["rank"], "attn_mib": r["peak_rss_mib"] - r["rss_base_mib"],
-                         "step_mib": r["peak_rss_mib"] - r["rss_before_mib"], "fwd_s": r["forward_s"],
-                         "bwd_s": r["backward_s"], "sent_fwd": r["sent_forward"], "exp_fwd": r["expected_forward"],
-                         "sent_bwd": r["sent_backward"], "exp_bwd": r["expected_backward"],
-                         "share_fwd": r["sent_forward"] / kv_global, "load": load})
-        print(f"# P={P} done, load average before: {load}", file=sys.stderr, flush=True)
-    print(f"ring attention memory: B={args.batch}, H={args.heads}, N={args.seq_len}, D={args.dim}, mask={args.mask}, "
-          f"layout={args.layout}, {args.dtype}, gloo, 1 thread per rank")
-    print("| P | rank | attention MiB (peak - base) | step MiB (peak - before) | fwd s | bwd s "
-          "| sent fwd MiB (expected) | sent bwd MiB (expected) | fwd sent / global K,V |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['P']} | {r['rank']} | {r['attn_mib']:.0f} | {r['step_mib']:.0f} | {r['fwd_s']:.1f} | {r['bwd_s']:.1f} "
-              f"| {r['sent_fwd'] / 2**20:.0f} ({r['exp_fwd'] / 2**20:.0f}) | {r['sent_bwd'] / 2**20:.0f} "
-              f"({r['exp_bwd'] / 2**20:.0f}) | {r['share_fwd']:.3f} |")
+            row = {"P": P, "rank": r["rank"], "attn_mib": r["peak_rss_mib"] - r["rss_base_mib"],
+                   "step_mib": r["peak_rss_mib"] - r["rss_before_mib"], "fwd_s": r["forward_s"],
+                   "bwd_s": r["backward_s"], "sent_fwd": r["sent_forward"], "exp_fwd": r["expected_forward"],
+                   "sent_bwd": r["sent_backward"], "exp_bwd": r["expected_backward"],
+                   "share_fwd": r["sent_forward"] / kv_global, "load": load}
+            rows.append(row)
+            print(f"| {P} | {row['rank']} | {row['attn_mib']:.0f} | {row['step_mib']:.0f} | {row['fwd_s']:.1f} "
+                  f"| {row['bwd_s']:.1f} | {row['sent_fwd'] / 2**20:.0f} ({row['exp_fwd'] / 2**20:.0f}) "
+                  f"| {row['sent_bwd'] / 2**20:.0f} ({row['exp_bwd'] / 2**20:.0f}) | {row['share_fwd']:.3f} "
+                  f"| {load.split(',')[0]} |", flush=True)
     return rows
 
 
@@ -90,7 +91,7 @@ def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> di
 
     q, k, v = (_global(cfg, s) for s in (1, 2, 3))
     pos = local_positions("zigzag", cfg["n"] // world, rank, world)
-    times, out = [], None
+    times, peaks, out = [], [], None
     if impl == "attnkit":
         q, k, v = (t[:, :, pos].contiguous() for t in (q, k, v))
         gc.collect()
@@ -102,7 +103,7 @@ def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> di
             t0 = time.perf_counter()
             out = ring_attention(q, k, v, layout="zigzag", options=RingOptions(timeout_s=cfg["timeout"]))
             times.append(time.perf_counter() - t0)
-            peak = peak_rss_mib()
+            peaks.append(peak_rss_mib() - before)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
@@ -118,17 +119,19 @@ def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> di
                 t0 = time.perf_counter()
                 out = F.scaled_dot_product_attention(q, k, v)
                 times.append(time.perf_counter() - t0)
-                peak = peak_rss_mib()
+                peaks.append(peak_rss_mib() - before)
     ref = torch.load(ref_path)  # (B, H, N, D)
     B, H, N, D = ref.shape
     if tuple(out.shape) == (B, H, N // world, D):  # this rank's sequence shard (zigzag = torch's head-tail)
         got, ref = "sequence shard", ref[:, :, pos]
-    elif tuple(out.shape) == (B, H // world, N, D):  # DTensor chose to shard heads: every position, H / P heads
-        got, ref = "head shard (all N)", ref[:, rank * (H // world):(rank + 1) * (H // world)]
+    elif tuple(out.shape) == (B, H // world, N, D):  # DTensor chose to shard heads: every position, H / P heads,
+        # in the order of the head-tail shards it gathered (rank 0's positions, then rank 1's, ...)
+        order = torch.cat([local_positions("zigzag", N // world, r, world) for r in range(world)])
+        got, ref = "head shard (all N, head-tail order)", ref[:, rank * (H // world):(rank + 1) * (H // world)][:, :, order]
     else:
         raise RuntimeError(f"{impl} returned shape {tuple(out.shape)} for a ({B}, {H}, {N}, {D}) problem on {world} ranks")
     return {"rank": rank, "err": float((out.double() - ref).abs().max()), "first_s": times[0],
-            "time_s": min(times[1:]), "step_mib": peak - before, "output": f"{got} {tuple(out.shape)}"}
+            "time_s": min(times[1:]), "step_mib": peaks[0], "output": f"{got} {tuple(out.shape)}"}
 
 
 def compare_torch(args) -> list[dict]:
@@ -160,7 +163,7 @@ def compare_torch(args) -> list[dict]:
     print(f"non-causal forward, B={args.batch}, H={args.heads}, N={args.seq_len}, D={args.dim}, float32, gloo, "
           f"1 thread per rank; max over ranks")
     print(f"| P | implementation | output per rank | max error vs float64 | first call s | forward s (best of "
-          f"{args.repeats} more) | peak MiB of the call |")
+          f"{args.repeats} more) | peak MiB of the first call |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['P']} | {r['impl']} | {r['output']} | {r['err']:.2e} | {r['first_s']:.1f} | {r['time_s']:.2f} "
