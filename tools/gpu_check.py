@@ -2,7 +2,7 @@
 
 Run on a machine with a CUDA GPU (the test suite runs on CPU only):
 
-    PYTHONPATH=src python tools/gpu_check.py [--out DIR] [--quick]
+    PYTHONPATH=src python tools/gpu_check.py [--out DIR] [--parts exact,longrange,transformers,timings]
 
 Part 1 (exactness): for each mask/bias case and each backend that accepts the call on CUDA, the
 forward output and dq, dk, dv (and learnable-bias gradients) in float32 and bfloat16 are compared
@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".")
     p.add_argument("--size", type=int, default=16384, help="N for the timing part")
-    p.add_argument("--skip-timings", action="store_true")
+    p.add_argument("--parts", default="exact,longrange,transformers,timings",
+                   help="comma-separated parts to run (default: all four)")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (use a small --size)")
     a = p.parse_args(argv)
     global DEV
@@ -313,15 +314,17 @@ def main(argv=None) -> int:
         return 2
     t0 = time.time()
     report, failures, timings = [], [], []
-    run_exact(report, failures)
-    run_longrange(report, failures)
-    run_transformers(report, failures)
-    if not a.skip_timings:
+    parts = set(a.parts.split(","))
+    for part, fn in (("exact", run_exact), ("longrange", run_longrange), ("transformers", run_transformers)):
+        if part in parts:
+            fn(report, failures)
+    if "timings" in parts:
         run_timings(timings, a.size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
-    (out / "gpu_check.json").write_text(json.dumps({"info": info, "exact": report, "timings": timings,
+    tag = "" if len(parts) == 4 else "_" + "_".join(sorted(parts))
+    (out / f"gpu_check{tag}.json").write_text(json.dumps({"info": info, "exact": report, "timings": timings,
                                                     "failures": failures}, indent=1))
     lines = [f"# GPU check on {info['device']}, torch {info['torch']}", "",
              "| case | dtype | backend | chosen | error / tolerance | status |", "|---|---|---|---|---|---|"]
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
               for r in report]
     lines += ["", "| case | mode | impl | ms | peak MiB | x sdpa |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['mode']} | {r['impl']} | {r['ms']} | {r['peak_mib']} | {r['x_sdpa']} |" for r in timings]
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    (out / f"gpu_check{tag}.md").write_text("\n".join(lines) + "\n")
     print(f"{len(failures)} failures in {info['seconds']} s", *failures, sep="\n")
     return 1 if failures else 0
 
