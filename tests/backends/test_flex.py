@@ -160,3 +160,33 @@ def test_reasons():
         untraceable = M.from_function(lambda b, h, i, j: torch.ones_like(i + j, dtype=torch.bool) if int(i.max()) >= 0
                                       else i > j, name="item")
         assert any("traced" in r for r in flex.not_supported_reasons(make_call(q, k, v, mask=untraceable)))
+
+
+def test_flex_specialisations_live_on_attnkits_own_frame():
+    """torch.compile counts specialisations per compiled function. attnkit compiles its own
+    wrapper, so a user's compiled flex_attention calls cannot use up attnkit's recompile budget
+    (past it dynamo runs flex unfused: the GPU check saw 53 GB at N=16384)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attnkit.backends import flex as F
+
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    out = attnkit.attention(q, k, v, mask=M.causal(), backend="flex")
+    ref = attnkit.attention(q.double(), k.double(), v.double(), mask=M.causal(), backend="reference")
+    assert_close(out, ref, backend="flex")
+    assert len(_debug_get_cache_entry_list(F._flex_call.__code__)) >= 1
+    assert len(_debug_get_cache_entry_list(flex_attention.__code__)) == 0
+
+
+def test_compile_key_tells_grad_mode_apart():
+    """Training and no_grad evaluation of one shape are two dynamo specialisations (a grad-mode
+    guard), so attnkit's count of them must see two."""
+    from attnkit._call import make_call
+    from attnkit.backends.flex import _compile_key
+
+    q = torch.randn(1, 2, 40, 16)
+    call = make_call(q, q, q, mask=M.causal())
+    with torch.no_grad():
+        inference = _compile_key(call)
+    assert _compile_key(call) != inference

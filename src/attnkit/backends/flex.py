@@ -48,11 +48,20 @@ def _probe_reason(what: str, fn, B: int, Hq: int, Nq: int, Nk: int, device) -> s
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+def _flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa):
+    """attnkit's own frame around flex_attention. torch.compile keeps its specialisations (and
+    counts them against the recompile limit) per compiled function; compiling this wrapper, not
+    ``flex_attention`` itself, keeps a user's own compiled flex calls from using up attnkit's
+    budget, past which dynamo would silently run flex unfused (an Nq x Nk score matrix: 53 GB at
+    N=16384, H=16 on the GPU check)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(_flex_call, dynamic=False)
 
 
 def flex_available() -> str | None:
@@ -115,9 +124,10 @@ def reset_compile_cache() -> None:
 
 
 def _compile_key(call: AttentionCall) -> tuple:
-    """What dynamo guards on for our flex call: shapes, dtype, device, scale, the specs' mods."""
+    """What dynamo guards on for our flex call: shapes, dtype, device, scale, the specs' mods, and
+    grad mode (training and ``no_grad`` evaluation of one shape are two specialisations)."""
     return (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.dtype, str(call.q.device),
-            call.scale, call.softcap, id(call.mask), id(call.bias))
+            call.scale, call.softcap, id(call.mask), id(call.bias), torch.is_grad_enabled())
 
 
 def block_mask_for(mask, B: int, Hq: int, Nq: int, Nk: int, device):
@@ -256,6 +266,5 @@ class FlexBackend(Backend):
         if call.mask is not None:
             block_mask = block_mask_for(call.mask, B, Hq, Nq, Nk, call.q.device)
         _COMPILED_KEYS.add(_compile_key(call))
-        out = _compiled_flex()(call.q, call.k, call.v, score_mod=_score_mod_for(call), block_mask=block_mask,
-                               scale=call.scale, enable_gqa=Hq != Hk)
+        out = _compiled_flex()(call.q, call.k, call.v, _score_mod_for(call), block_mask, call.scale, Hq != Hk)
         return out
