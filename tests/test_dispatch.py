@@ -49,3 +49,26 @@ def test_no_backend_error_names_the_call():
     assert "q (1, 2, 9, 4), k (1, 2, 9, 4), v (1, 2, 9, 4), torch.float64 on cpu, mask=causal(), no bias, " \
            "softcap=3.0" in msg
     assert msg.endswith("sdpa has no softcap")
+
+
+def _cuda_call(**kw):
+    """A stand-in call on a CUDA device (the CUDA column cannot be reached on a CPU machine)."""
+    from types import SimpleNamespace
+
+    q = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    base = dict(q=q, return_weights=False, shape=(1, 8, 8, 16384, 16384, 64), softcap=None, dropout_p=0.0,
+                mask=None, mask_tensor=None, plain_causal=False, bias=None, bias_tensor=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_cuda_column_of_the_decision_table():
+    """Measured on an H200 (docs/performance.md, CUDA): flex first for structured masks, then sdpa
+    with a materialised mask (blockwise's tile math is 8-300x sdpa there), blockwise last."""
+    from attnkit.dispatch import auto_order
+
+    window = M.sliding_window(255)
+    assert auto_order(_cuda_call(mask=window))[:3] == ["flex", "sdpa", "blockwise"]
+    assert auto_order(_cuda_call(mask=window, softcap=30.0))[:2] == ["flex", "blockwise"]
+    assert auto_order(_cuda_call(mask=M.causal(), plain_causal=True))[0] == "sdpa"
+    assert auto_order(_cuda_call(mask=window, shape=(1, 1, 1, 16, 16, 8)))[:2] == ["sdpa", "flex"]
+    assert auto_order(_cuda_call(return_weights=True)) == ["reference"]

@@ -16,7 +16,7 @@ mask allows; numbers behind each row are in docs/performance.md, measured by ``a
 | no mask or plain causal (Nq == Nk), no bias; grads or not   | sdpa, blockwise, reference | sdpa, blockwise, reference       |
 | dense bool-tensor mask and/or float bias tensor             | sdpa, blockwise, reference | sdpa, blockwise, reference       |
 | small call, any mask spec / bias spec                       | sdpa, blockwise, reference | sdpa, flex, blockwise, reference |
-| sliding window, block sparse, document, other mask specs,   | blockwise, sdpa, reference | flex, blockwise, sdpa, reference |
+| sliding window, block sparse, document, other mask specs,   | blockwise, sdpa, reference | flex, sdpa, blockwise, reference |
 |   causal with Nq != Nk, bias specs; grads or not            |                            |                                  |
 | softcap, or dropout_p > 0 (sdpa cannot reproduce them)      | blockwise, reference       | flex, blockwise, reference       |
 
@@ -29,8 +29,10 @@ Reasons behind the rows:
   benchmark shows blockwise at least as fast for the structured masks (docs/performance.md).
   On CUDA its compiled Triton kernels do the same tile skipping at fused-kernel speed (flex
   refuses, by its reasons, dropout and gradients to bias-spec tensors, so blockwise takes those).
-  There is no GPU on the development machine: the CUDA column follows what sdpa and flex do there
-  and is not benchmarked.
+  Measured on an H200 (``tools/gpu_check.py``, docs/performance.md "CUDA"): flex beats sdpa's
+  materialised mask 10-20x on a sliding window; blockwise runs its PyTorch tile math there (no
+  fused CUDA kernel) at 8-300x sdpa's time, so on CUDA sdpa (with a materialised mask, up to its
+  2^30-element limit) comes before blockwise, which remains the path for what neither can run.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def auto_order(call: AttentionCall) -> list[str]:
     elif small:
         order = ["sdpa", "flex", "blockwise", "reference"] if cuda else ["sdpa", "blockwise", "reference"]
     else:
-        order = ["flex", "blockwise", "sdpa", "reference"] if cuda else ["blockwise", "sdpa", "reference"]
+        order = ["flex", "sdpa", "blockwise", "reference"] if cuda else ["blockwise", "sdpa", "reference"]
     return [n for n in order if n in BACKENDS]
 
 
