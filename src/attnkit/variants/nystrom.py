@@ -88,8 +88,9 @@ class _SoftmaxMatmul(torch.autograd.Function):
     """softmax(x y^T) w without a mask: x (B, H, L, D), y (B, H, S, D), w (B, H, S, Dv) -> (B, H, L, Dv).
 
     Forward keeps the probabilities P (B, H, L, S), softmaxed in place in the scores' buffer (one
-    (L, S) allocation where autograd's graph makes two). Backward: dP = dout w^T, and since
-    sum_j P_ij dP_ij = dout_i . out_i, dlogits = P (dP - dout . out) in place in dP's buffer;
+    (L, S) allocation where autograd's graph makes two). Backward: dP = dout w^T, then
+    dlogits = P (dP - sum_j P_ij dP_ij) by torch's fused softmax backward, in place in dP's buffer
+    (one pass over the (L, S) tensors where sub_ then mul_ make two, and out need not be saved);
     dx = dlogits y, dy = dlogits^T x, dw = P^T dout.
     """
 
@@ -98,18 +99,19 @@ class _SoftmaxMatmul(torch.autograd.Function):
         p = torch.matmul(x, y.transpose(-1, -2))                          # (B, H, L, S)
         torch.ops.aten._softmax.out(p, -1, False, out=p)                   # in place
         out = torch.matmul(p, w)                                           # (B, H, L, Dv)
-        ctx.save_for_backward(x, y, w, p, out)
+        ctx.save_for_backward(x, y, w, p)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, y, w, p, out = ctx.saved_tensors
+        x, y, w, p = ctx.saved_tensors
         need_x, need_y, need_w = ctx.needs_input_grad
         dw = torch.matmul(p.transpose(-1, -2), g) if need_w else None     # (B, H, S, Dv)
         dx = dy = None
         if need_x or need_y:
             ds = torch.matmul(g, w.transpose(-1, -2))                       # (B, H, L, S)
-            ds.sub_((g * out).sum(dim=-1, keepdim=True)).mul_(p)            # d logits
+            # d logits, row by row in place: each row's sum is taken before that row is written
+            torch.ops.aten._softmax_backward_data.out(ds, p, -1, p.dtype, grad_input=ds)
             dx = torch.matmul(ds, y) if need_x else None
             dy = torch.matmul(ds.transpose(-1, -2), x) if need_y else None
         return dx, dy, dw
