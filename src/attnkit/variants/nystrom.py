@@ -275,8 +275,7 @@ def depthwise_conv(v: torch.Tensor, kernel: torch.Tensor, nq: int) -> torch.Tens
     if nq != N:
         raise ValueError(f"conv_kernel needs Nq == Nk (the residual adds conv(v) to each query row), got Nq={nq}, Nk={N}")
     w = kernel.to(v.dtype).view(H, 1, K, 1)  # (H, 1, K, 1) like Conv2d(H, H, (K, 1), groups=H)
-    if v.device.type == "cpu" and not (torch.is_grad_enabled() and (v.requires_grad or w.requires_grad)):
-        # inference: oneDNN's depthwise kernel is faster on (B, N, Dv, H) memory (its backward is not)
+    if v.device.type == "cpu":  # oneDNN's depthwise kernel (and its backward) is faster on (B, N, Dv, H) memory
         v = v.contiguous(memory_format=torch.channels_last)
     return F.conv2d(v, w, padding=(K // 2, 0), groups=H)  # (B, H, N, Dv)
 
