@@ -110,10 +110,12 @@ class _SoftmaxMatmul(torch.autograd.Function):
         dx = dy = None
         if need_x or need_y:
             ds = torch.matmul(g, w.transpose(-1, -2))                       # (B, H, L, S)
-            # d logits, row by row in place: each row's sum is taken before that row is written
-            torch.ops.aten._softmax_backward_data.out(ds, p, -1, p.dtype, grad_input=ds)
-            dx = torch.matmul(ds, y) if need_x else None
-            dy = torch.matmul(ds.transpose(-1, -2), x) if need_y else None
+            # d logits; on CPU in place (the kernel takes each row's sum before writing that row;
+            # other devices' kernels are not checked here, so they get their own buffer)
+            dl = ds if ds.device.type == "cpu" else torch.empty_like(ds)
+            torch.ops.aten._softmax_backward_data.out(ds, p, -1, p.dtype, grad_input=dl)
+            dx = torch.matmul(dl, y) if need_x else None
+            dy = torch.matmul(dl.transpose(-1, -2), x) if need_y else None
         return dx, dy, dw
 
 
