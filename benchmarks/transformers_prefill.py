@@ -111,6 +111,11 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))), flush=True)
         return 0
+    variants = ("llama_pad", "mistral_swa4096_pad")
+    for name, given, known in (("--impls", args.impls, IMPLS), ("--variants", args.variants, variants)):
+        bad = [w for w in given.split(",") if w not in known]
+        if bad:
+            p.error(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
     results = []
     for N in (int(n) for n in args.sizes.split(",")):
         for variant in args.variants.split(","):
