@@ -65,21 +65,12 @@ class Window:
 # ---------------------------------------------------------------------------------------------
 
 
-class ShiftedMask(M.Mask):
-    """``inner`` evaluated at global positions: allows(q, k) = inner.allows(q + dq, k + dk)."""
+class _Shifted:
+    """What a shifted mask and a shifted bias share: ``inner`` seen through ``window`` (a block of
+    the global (Nq, Nk) problem), checked against the block's size and the global one."""
 
-    def __init__(self, inner: M.Mask, window: Window):
+    def __init__(self, inner, window: Window):
         self.inner, self.window = inner, window
-
-    # A shift keeps k - q up to a constant and keeps which of (b, h, k) the spec reads.
-    translation_invariant = property(lambda self: self.inner.translation_invariant)
-    key_only = property(lambda self: self.inner.key_only)
-    batch_size = property(lambda self: self.inner.batch_size)
-    num_heads = property(lambda self: self.inner.num_heads)
-
-    def allows(self, b, h, q, k, *, num_keys=None):
-        w = self.window
-        return self.inner.allows(b, h, q + w.dq, k + w.dk, num_keys=w.Nk)
 
     def check(self, nq, nk, *, batch=1, heads=1):
         w = self.window
@@ -91,6 +82,24 @@ class ShiftedMask(M.Mask):
     def device(self):
         return self.inner.device
 
+    def __repr__(self):
+        return f"{self.inner!r} at [{self.window}]"
+
+
+class ShiftedMask(_Shifted, M.Mask):
+    """``inner`` evaluated at global positions: allows(q, k) = inner.allows(q + dq, k + dk)."""
+
+    # A shift keeps k - q up to a constant and keeps which of (b, h, k) the spec reads.
+    translation_invariant = property(lambda self: self.inner.translation_invariant)
+    key_only = property(lambda self: self.inner.key_only)
+    batch_size = property(lambda self: self.inner.batch_size)
+    num_heads = property(lambda self: self.inner.num_heads)
+
+    def allows(self, b, h, q, k, *, num_keys=None):
+        w = self.window
+        return self.inner.allows(b, h, q + w.dq, k + w.dk, num_keys=w.Nk)
+
+
     def tiles(self, nq, nk, block_q, block_k, *, batch=1, heads=1, device=None):
         rule = _TILE_RULES.get(type(self.inner))
         out = rule(self.inner, self.window, nq, nk, block_q, block_k, device or self.device) if rule else None
@@ -98,8 +107,6 @@ class ShiftedMask(M.Mask):
             out = M.evaluate_tiles(self, nq, nk, block_q, block_k, batch=batch, heads=heads, device=device)
         return out
 
-    def __repr__(self):
-        return f"{self.inner!r} at [{self.window}]"
 
 
 def shift_mask(mask: M.Mask | None, window: Window) -> M.Mask | None:
@@ -210,11 +217,8 @@ def block_status(mask: M.Mask | None, nq: int, nk: int, *, batch: int = 1, heads
 # ---------------------------------------------------------------------------------------------
 
 
-class ShiftedBias(Bias):
+class ShiftedBias(_Shifted, Bias):
     """``inner`` evaluated at global positions; reads (and differentiates) the same tensors."""
-
-    def __init__(self, inner: Bias, window: Window):
-        self.inner, self.window = inner, window
 
     def __call__(self, b, h, q, k):
         return self.inner(b, h, q + self.window.dq, k + self.window.dk)
@@ -222,18 +226,7 @@ class ShiftedBias(Bias):
     def tensors(self):
         return self.inner.tensors()
 
-    def check(self, nq, nk, *, batch=1, heads=1):
-        w = self.window
-        if (nq, nk) != (w.nq, w.nk):
-            raise ValueError(f"{self!r} describes a ({w.nq}, {w.nk}) block, got Nq={nq}, Nk={nk}")
-        self.inner.check(w.Nq, w.Nk, batch=batch, heads=heads)
 
-    @property
-    def device(self):
-        return self.inner.device
-
-    def __repr__(self):
-        return f"{self.inner!r} at [{self.window}]"
 
 
 def shift_bias(bias: Bias | None, window: Window) -> tuple[Bias | None, tuple]:

@@ -11,8 +11,10 @@ Training batch ``step`` is a pure function of (seed, step): a resumed run sees t
 
 from __future__ import annotations
 
+import abc
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -53,8 +55,9 @@ class Defaults:
     eval_every: int = 100
 
 
-class Task:
-    """Base of the tasks (mixed into frozen dataclasses)."""
+class Task(abc.ABC):
+    """Base of the tasks (mixed into frozen dataclasses). A task states its vocabulary, its longest
+    sequence, and gives seeded training batches and a fixed evaluation set."""
 
     name: ClassVar[str] = "?"
     kind: ClassVar[str] = "lm"
@@ -63,23 +66,49 @@ class Task:
     num_classes: ClassVar[int | None] = None
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Token ids are in [0, vocab_size)."""
 
     @property
+    @abc.abstractmethod
     def max_len(self) -> int:
         """The longest sequence the model sees (training or evaluation)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train_batch(self, step: int, batch: int, seed: int) -> Batch:
-        raise NotImplementedError
+        """Training batch ``step`` of run ``seed`` (the same for the same arguments)."""
 
+    @abc.abstractmethod
     def eval_batches(self, batch: int) -> list[Batch]:
-        raise NotImplementedError
+        """The fixed evaluation set, in batches of at most ``batch``."""
 
     def metric_names(self) -> list[str]:
         """The keys of ``metrics.json``'s ``eval`` (the first is the one curves and plots show)."""
         return [self.metric]
+
+
+class GeneratedTask(Task):
+    """A task drawn from a seeded generator ``_batch(b, g)`` (mqar, selective_copy): training
+    batch ``step`` of run ``seed`` from its own generator, the test set of ``num_eval`` sequences
+    from a fixed one."""
+
+    num_eval: int  # a dataclass field of the subclass
+
+    @abc.abstractmethod
+    def _batch(self, b: int, g: torch.Generator) -> Batch:
+        """b sequences drawn with generator g."""
+
+    def train_batch(self, step: int, batch: int, seed: int) -> Batch:
+        return self._batch(batch, torch_gen(seed, step))
+
+    @cached_property
+    def _eval(self) -> Batch:
+        return self._batch(self.num_eval, torch_gen(0, 0, EVAL_SALT))
+
+    def eval_batches(self, batch: int) -> list[Batch]:
+        e = self._eval
+        return [Batch(e.x[i:i + batch], e.y[i:i + batch]) for i in range(0, self.num_eval, batch)]
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -103,4 +132,4 @@ def pos_int(task: str, name: str, val, minimum: int = 1) -> None:
 EVAL_SALT = 1  # evaluation sets come from seeds no training step uses
 
 
-__all__ = ["Task", "Batch", "Defaults", "IGNORE", "step_seed", "torch_gen", "py_rng", "pos_int", "EVAL_SALT"]
+__all__ = ["Task", "GeneratedTask", "Batch", "Defaults", "IGNORE", "step_seed", "torch_gen", "py_rng", "pos_int", "EVAL_SALT"]

@@ -13,11 +13,10 @@ from the context. Accuracy: the fraction of queries whose argmax is the value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
-from .base import EVAL_SALT, IGNORE, Batch, Defaults, Task, pos_int, torch_gen
+from .base import IGNORE, Batch, Defaults, GeneratedTask, pos_int
 
 
 def _distinct(b: int, low: int, high: int, n: int, g: torch.Generator) -> torch.Tensor:
@@ -45,7 +44,7 @@ def mqar_batch(b: int, *, vocab: int, seq_len: int, num_kv_pairs: int, g: torch.
 
 
 @dataclass(frozen=True)
-class MQAR(Task):
+class MQAR(GeneratedTask):
     """vocab V (keys from the lower half, values from the upper), seq_len L, num_kv_pairs P
     (4 P <= L), num_eval: size of the fixed test set."""
 
@@ -80,17 +79,6 @@ class MQAR(Task):
     def _batch(self, b: int, g: torch.Generator) -> Batch:
         x, y = mqar_batch(b, vocab=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, g=g)
         return Batch(x, y)
-
-    def train_batch(self, step: int, batch: int, seed: int) -> Batch:
-        return self._batch(batch, torch_gen(seed, step))
-
-    @cached_property
-    def _eval(self) -> Batch:
-        return self._batch(self.num_eval, torch_gen(0, 0, EVAL_SALT))
-
-    def eval_batches(self, batch: int) -> list[Batch]:
-        e = self._eval
-        return [Batch(e.x[i:i + batch], e.y[i:i + batch]) for i in range(0, self.num_eval, batch)]
 
 
 __all__ = ["MQAR", "mqar_batch"]

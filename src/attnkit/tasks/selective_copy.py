@@ -11,11 +11,10 @@ of the region by content, not by a fixed offset. Accuracy: per copied token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
-from .base import EVAL_SALT, IGNORE, Batch, Defaults, Task, pos_int, torch_gen
+from .base import IGNORE, Batch, Defaults, GeneratedTask, pos_int
 
 NOISE, SEP = 0, 1
 
@@ -34,7 +33,7 @@ def selective_copy_batch(b: int, *, vocab: int, seq_len: int, num_tokens: int,
 
 
 @dataclass(frozen=True)
-class SelectiveCopy(Task):
+class SelectiveCopy(GeneratedTask):
     """vocab V (>= 3), seq_len L of the region, num_tokens K <= L to copy, num_eval test size."""
 
     vocab: int = 16
@@ -65,17 +64,6 @@ class SelectiveCopy(Task):
     def _batch(self, b: int, g: torch.Generator) -> Batch:
         x, y = selective_copy_batch(b, vocab=self.vocab, seq_len=self.seq_len, num_tokens=self.num_tokens, g=g)
         return Batch(x, y)
-
-    def train_batch(self, step: int, batch: int, seed: int) -> Batch:
-        return self._batch(batch, torch_gen(seed, step))
-
-    @cached_property
-    def _eval(self) -> Batch:
-        return self._batch(self.num_eval, torch_gen(0, 0, EVAL_SALT))
-
-    def eval_batches(self, batch: int) -> list[Batch]:
-        e = self._eval
-        return [Batch(e.x[i:i + batch], e.y[i:i + batch]) for i in range(0, self.num_eval, batch)]
 
 
 __all__ = ["SelectiveCopy", "selective_copy_batch", "NOISE", "SEP"]
