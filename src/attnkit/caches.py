@@ -32,6 +32,8 @@ exception is ``SlidingWindowCache``, a ring buffer that keeps only the last ``wi
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from ._nonfinite import remember_stats, tensor_stats
@@ -63,24 +65,29 @@ def _check_valid(name: str, valid: torch.Tensor | None, B: int, n: int) -> None:
                          f"got {valid.dtype} {shape_str(valid)}")
 
 
-class Cache:
-    """The decoding-cache protocol (see the module docstring). Subclasses implement ``update``."""
+class Cache(abc.ABC):
+    """The decoding-cache protocol (see the module docstring). Subclasses implement ``update`` and
+    ``reset``; ``for_cross`` says whether the cache holds a fixed context (cross-attention)."""
 
     length: int = 0
+    for_cross: bool = False
 
     def reuse(self):
         """Stored (k, v, valid) to attend instead of new projections, or None."""
         return None
 
+    @abc.abstractmethod
     def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None):
         """(k_all, v_all, valid_all or None) for n new keys k (B, Hk, n, D), v (B, Hk, n, Dv)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement update()")
 
     def after(self, k_all: torch.Tensor, v_all: torch.Tensor, new: int) -> None:
-        """Advance past a call that attended k_all / v_all with ``new`` new tokens."""
+        """Advance past a call that attended k_all / v_all with ``new`` new tokens (default: nothing
+        to do; segment memory keeps the newest tokens here)."""
+        return None
 
+    @abc.abstractmethod
     def reset(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement reset()")
+        """Forget everything stored (a new sequence or context)."""
 
 
 class _Buffers(Cache):
@@ -292,6 +299,8 @@ class StaticKV(Cache):
     padding); later calls reuse them and ignore the context argument's values (its shape is still
     checked). ``reset()`` clears it for a new context. ``length`` is the context length.
     """
+
+    for_cross = True
 
     def __init__(self):
         self.reset()

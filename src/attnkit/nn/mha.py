@@ -20,7 +20,6 @@ from torch import nn
 from .. import masks as M
 from .._validate import shape_str
 from ..biases import SumBias, TensorBias
-from ..caches import StaticKV
 from ..variants import Softmax, Variant
 from . import torch_compat as TC
 from .positions import PositionSpec
@@ -133,7 +132,7 @@ class MultiHeadAttention(nn.Module):
     def _check_cache(self, cache, cross: bool) -> None:
         if cache is None:
             return
-        if cross != isinstance(cache, StaticKV):
+        if cross != cache.for_cross:
             raise TypeError("cross-attention (context=...) caches its context's keys/values in a StaticKV; "
                             f"self-attention decodes with the cache from make_cache(); got {type(cache).__name__} "
                             f"for {'cross' if cross else 'self'}-attention")
