@@ -154,21 +154,44 @@ def _exclusive_prefix(x: torch.Tensor, first: torch.Tensor | None, reverse: bool
     return (out[:, :T].contiguous() if nb * b > T else out).view(shape)
 
 
+def _prefix_states(k: torch.Tensor, w: torch.Tensor, s0: torch.Tensor | None, bh: int) -> torch.Tensor:
+    """k (bh T, C, F), w (bh T, C, W), s0 (bh, F, W) or None -> P (bh T, F, W), P_t = s0 + sum_{t' < t} K_t'^T W_t'.
+
+    Each chunk's K^T W is written one slot later, then a cumsum in place over the T chunks of each row."""
+    n, _, Fd = k.shape
+    Dw, T = w.shape[-1], n // bh
+    p = k.new_empty(n, Fd, Dw)                                            # (bh T, F, W)
+    if n > 1:
+        torch.bmm(k[:-1].transpose(1, 2), w[:-1], out=p[1:])
+    p4 = p.view(bh, T, Fd, Dw)
+    if s0 is None:
+        p4[:, 0].zero_()  # also drops the previous row's last chunk written there
+    else:
+        p4[:, 0].copy_(s0)
+    p4.view(bh, T, Fd * Dw).cumsum_(dim=1)
+    return p
+
+
+# backward temporaries per slice of heads: about this many elements per (slice, C, W) buffer
+_BACKWARD_SLICE_ELEMENTS = 1 << 21
+
+
 class _CausalLinear(torch.autograd.Function):
     """Causal linear attention on features, chunked, with a hand-written backward.
 
     pq, pk (B, H, L, F) >= 0, va = [v | 1] (B, H, L, Dv + 1) (rows of padded keys zero, ones column
     included), s0 (B, H, F, Dv + 1) the sums of earlier keys or None. Query i sees keys j <= i.
     Per chunk t of C positions (the tail padded with zero rows):
-        S_t = K_t^T Va_t,  P_t = s0 + sum_{t' < t} S_t'  (S written one chunk later, then cumsum in place),
+        S_t = K_t^T Va_t,  P_t = s0 + sum_{t' < t} S_t'  (``_prefix_states``),
         A_t = tril(Q_t K_t^T),  [num | den] = Q_t P_t + A_t Va_t   (numerator and normaliser together),
         out = num / (den + eps), 0 where den = 0.
     Returns out (B, H, L, Dv) and the final sums s0 + sum_t S_t (B, H, F, Dv + 1) (None unless want_final).
     Backward, with G = [dout / (den + eps) | -(dout . out) / (den + eps)], dA = tril(G Va^T) and
     R_t = dfinal + sum_{t' > t} Q_t'^T G_t' (reverse exclusive prefix, ``_exclusive_prefix``):
         dQ = G P^T + dA K,  dK = Va R^T + dA^T Q,  dVa = K R + A^T G,  ds0 = R_0 + Q_0^T G_0.
-    Saves Q, K, Va, A, P, 1 / (den + eps) and out: O(N (F + Dv + C)) memory, 4 batched matmuls
-    forward and 8 backward.
+    Saves Q, K, Va, 1 / (den + eps) and out (no O(N C) or O(N F Dv / C) intermediates); the backward
+    recomputes P and A and runs over slices of heads, so its temporaries stay a few MiB whatever N:
+    memory O(N (F + Dv)), 4 batched matmuls forward, 10 backward (2 of them the recompute).
     """
 
     @staticmethod
@@ -182,57 +205,59 @@ class _CausalLinear(torch.autograd.Function):
             pq, pk, va = (F.pad(t, (0, 0, 0, pad)) for t in (pq, pk, va))
         n = B * H * T
         q, k, w = pq.reshape(n, C, Fd), pk.reshape(n, C, Fd), va.reshape(n, C, Dw)  # (B H T, C, .)
-        # P_t = s0 + sum_{t' < t} S_t': each chunk's S is written one slot later, then a cumsum in place
-        p = q.new_empty(n, Fd, Dw)                                          # (B H T, F, Dv + 1)
-        if n > 1:
-            torch.bmm(k[:-1].transpose(1, 2), w[:-1], out=p[1:])
-        p4 = p.view(B * H, T, Fd, Dw)
-        if s0 is None:
-            p4[:, 0].zero_()  # also drops the previous (b, h)'s last chunk written there
-        else:
-            p4[:, 0].copy_(s0.reshape(B * H, Fd, Dw))
-        p4.view(B * H, T, Fd * Dw).cumsum_(dim=1)
+        s0r = None if s0 is None else s0.reshape(B * H, Fd, Dw)
+        p = _prefix_states(k, w, s0r, B * H)                              # (B H T, F, Dv + 1)
         final = None
         if want_final:
+            p4 = p.view(B * H, T, Fd, Dw)
             kl, wl = k.view(B * H, T, C, Fd)[:, -1], w.view(B * H, T, C, Dw)[:, -1]
             final = torch.baddbmm(p4[:, -1], kl.transpose(1, 2), wl).view(B, H, Fd, Dw)
         nd = torch.bmm(q, p)                                                # (B H T, C, Dv + 1)
-        # without backward, P is dead now: A goes into its storage (no fresh pages to fault in)
-        grad = any(ctx.needs_input_grad[:4])
-        a = torch.empty(n, C, C, dtype=q.dtype, device=q.device) if grad else _into(p, (n, C, C))
-        torch.bmm(q, k.transpose(1, 2), out=a).tril_()                      # (B H T, C, C)
+        a = torch.bmm(q, k.transpose(1, 2), out=_into(p, (n, C, C))).tril_()  # (B H T, C, C) in P's storage
         nd.baddbmm_(a, w)
         nd = nd.view(B, H, T * C, Dw)[:, :, :L]                             # (B, H, L, Dv + 1)
         inv = _safe_reciprocal(nd[..., -1], eps)                            # (B, H, L)
         out = nd[..., :-1].mul_(inv.unsqueeze(-1))                          # (B, H, L, Dv), in place (a view)
-        if grad:
-            ctx.save_for_backward(q, k, w, a, p, inv, out)
+        if any(ctx.needs_input_grad[:4]):
+            ctx.save_for_backward(q, k, w, inv, out, s0r)
         ctx.has_s0 = s0 is not None
         return out, final
 
     @staticmethod
     def backward(ctx, dout, dfinal):
-        q, k, w, a, p, inv, out = ctx.saved_tensors
+        q, k, w, inv, out, s0 = ctx.saved_tensors
         B, H, L, Dv = out.shape
         n, C, Fd = q.shape
-        Dw, T = Dv + 1, n // (B * H)
-        g = out.new_zeros(B, H, T * C, Dw) if T * C > L else out.new_empty(B, H, L, Dw)  # [dnum | dden]
-        if dout is not None:
-            torch.mul(dout, inv.unsqueeze(-1), out=g[:, :, :L, :Dv])
-            g[:, :, :L, Dv] = (dout * out).sum(dim=-1).mul_(inv).neg_()
-        else:
-            g.zero_()
-        g = g.view(n, C, Dw)
-        da = torch.bmm(g, w.transpose(1, 2)).tril_()                        # (B H T, C, C)
-        dq = torch.bmm(g, p.view(n, Fd, Dw).transpose(1, 2)).baddbmm_(da, k)  # (B H T, C, F)
-        qg = torch.bmm(q.transpose(1, 2), g).view(B * H, T, Fd, Dw)        # (B H, T, F, Dv + 1)
-        r = _exclusive_prefix(qg, None if dfinal is None else dfinal.reshape(B * H, Fd, Dw), reverse=True)
-        ds0 = (r[:, 0] + qg[:, 0]).view(B, H, Fd, Dw) if ctx.has_s0 else None
-        r = r.view(n, Fd, Dw)
-        dk = torch.bmm(w, r.transpose(1, 2), out=_into(qg, (n, C, Fd))).baddbmm_(da.transpose(1, 2), q)  # (B H T, C, F)
-        dw = torch.bmm(k, r).baddbmm_(a.transpose(1, 2), g)                 # (B H T, C, Dv + 1)
+        BH, Dw = B * H, Dv + 1
+        T = n // BH
+        dq, dk, dw = q.new_empty(n, C, Fd), q.new_empty(n, C, Fd), q.new_empty(n, C, Dw)
+        ds0 = q.new_empty(BH, Fd, Dw) if ctx.has_s0 else None
+        inv, out = inv.reshape(BH, L, 1), out.reshape(BH, L, Dv)
+        dout = None if dout is None else dout.reshape(BH, L, Dv)
+        dfinal = None if dfinal is None else dfinal.reshape(BH, Fd, Dw)
+        step = max(1, _BACKWARD_SLICE_ELEMENTS // (T * C * max(Fd, Dw, C)))  # heads per slice
+        for h0 in range(0, BH, step):
+            h1 = min(BH, h0 + step)
+            rows = slice(h0 * T, h1 * T)
+            qs, ks, ws = q[rows], k[rows], w[rows]                          # (hs T, C, .)
+            g = q.new_zeros(h1 - h0, T * C, Dw)                             # [dnum | dden], zero past L
+            if dout is not None:
+                torch.mul(dout[h0:h1], inv[h0:h1], out=g[:, :L, :Dv])
+                g[:, :L, Dv] = (dout[h0:h1] * out[h0:h1]).sum(dim=-1).mul_(inv[h0:h1, :, 0]).neg_()
+            g = g.view(-1, C, Dw)                                           # (hs T, C, Dv + 1)
+            p = _prefix_states(ks, ws, None if s0 is None else s0[h0:h1], h1 - h0)
+            da = torch.bmm(g, ws.transpose(1, 2)).tril_()                   # (hs T, C, C)
+            torch.bmm(g, p.transpose(1, 2), out=dq[rows]).baddbmm_(da, ks)
+            qg = torch.bmm(qs.transpose(1, 2), g, out=p).view(h1 - h0, T, Fd, Dw)  # P is dead: its storage
+            r = _exclusive_prefix(qg, None if dfinal is None else dfinal[h0:h1], reverse=True)
+            if ds0 is not None:
+                torch.add(r[:, 0], qg[:, 0], out=ds0[h0:h1])
+            r = r.view(-1, Fd, Dw)                                          # (hs T, F, Dv + 1)
+            torch.bmm(ws, r.transpose(1, 2), out=dk[rows]).baddbmm_(da.transpose(1, 2), qs)
+            a = torch.bmm(qs, ks.transpose(1, 2), out=da).tril_()           # A, in dA's storage
+            torch.bmm(ks, r, out=dw[rows]).baddbmm_(a.transpose(1, 2), g)
         cut = lambda x: x.view(B, H, T * C, x.shape[-1])[:, :, :L]  # noqa: E731
-        return cut(dq), cut(dk), cut(dw), ds0, None, None, None
+        return cut(dq), cut(dk), cut(dw), None if ds0 is None else ds0.view(B, H, Fd, Dw), None, None, None
 
 
 def linear_attention_features(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
