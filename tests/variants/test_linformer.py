@@ -83,6 +83,22 @@ def test_fully_padded_sequence_gives_zeros_and_finite_gradients():
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("block", [1, 96, 1 << 22])  # rows per block: 1, 4 (13 = 4+4+4+1), all
+def test_inference_path_by_query_blocks_equals_formula(monkeypatch, block):
+    """Without autograd the scores are built a block of query rows at a time (one row, a ragged
+    last block, all rows): the float64 formula's numbers, GQA and padding included."""
+    from attnkit.variants import linformer as linformer_module
+
+    monkeypatch.setattr(linformer_module, "_INFERENCE_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 13, 5, generator=g, dtype=F64)
+    k, v = (torch.randn(2, 2, 11, 5, generator=g, dtype=F64) for _ in range(2))
+    e, f = (torch.randn(2, 3, 12, generator=g, dtype=F64) for _ in range(2))
+    lengths = torch.tensor([11, 4])
+    out = linformer_attention(q, k, v, e, f, mask=masks.key_padding(lengths))
+    torch.testing.assert_close(out, formula(q, k, v, e, f, lengths), **tol(F64))
+
+
 def test_float32_close_to_float64():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 2, 33, 8, generator=g, dtype=F64) for _ in range(3))

@@ -38,6 +38,7 @@ from .._numerics import compute_dtype, expand_kv
 from .base import Variant, key_valid, pos_int
 
 SHARING = ("none", "headwise", "kv")
+_INFERENCE_BLOCK_ELEMENTS = 1 << 22  # scores per query-row block when no gradient is needed (16 MiB in float32)
 
 
 _REASON = ("every projected key mixes all key positions (future ones included), so only masks on keys "
@@ -74,7 +75,8 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e: to
         scale: default 1/sqrt(D).
 
     Returns: (B, Hq, Nq, Dv) in q's dtype (half/bfloat16 computed in float32).
-    Cost: O(Nq * Kp * D + Nk * Kp * (D + Dv)) time, O(Nq * Kp) memory per head.
+    Cost: O(Nq * Kp * D + Nk * Kp * (D + Dv)) time; O(Nq * Kp) memory per head with autograd, a
+    block of query rows at a time without (no_grad, or no input requiring a gradient).
     """
     V.check_qkv(q, k, v)
     B, Hq, Nq, D = q.shape
@@ -94,8 +96,16 @@ def linformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e: to
     kp = torch.matmul(e, k)  # (Kp, Nk) @ (B, Hk, Nk, D) -> (B, Hk, Kp, D)
     vp = torch.matmul(f, v)  # (B, Hk, Kp, Dv)
     kp, vp = expand_kv(kp, Hq // Hk), expand_kv(vp, Hq // Hk)  # (B, Hq, Kp, .)
-    s = torch.matmul(q, (kp * scale).transpose(-1, -2))  # (B, Hq, Nq, Kp); scale folded into the small side
-    out = torch.matmul(torch.softmax(s, dim=-1), vp)  # (B, Hq, Nq, Dv)
+    kt = (kp * scale).transpose(-1, -2)  # (B, Hq, D, Kp); scale folded into the small side
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, kt, vp)):
+        s = torch.matmul(q, kt)  # (B, Hq, Nq, Kp)
+        return torch.matmul(torch.softmax(s, dim=-1), vp).to(in_dtype)  # (B, Hq, Nq, Dv)
+    # no autograd graph: the (Nq, Kp) scores live one block of query rows at a time
+    out = q.new_empty(B, Hq, Nq, vp.shape[-1])  # (B, Hq, Nq, Dv)
+    rows = max(1, _INFERENCE_BLOCK_ELEMENTS // (B * Hq * kt.shape[-1]))
+    for i0 in range(0, Nq, rows):
+        s = torch.matmul(q[:, :, i0:i0 + rows], kt)  # (B, Hq, rows, Kp)
+        out[:, :, i0:i0 + rows] = torch.matmul(torch.softmax(s, dim=-1), vp)
     return out.to(in_dtype)
 
 
