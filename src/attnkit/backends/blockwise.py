@@ -330,23 +330,30 @@ def _forward_pass(plan: Plan, q, k, v):
     return out, lse_to_rows(lse, g)
 
 
-def backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad: bool = True):
+def backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad: bool = True, into=None):
     """Gradients of ``plan``'s attention given the (possibly global, e.g. merged over a ring)
     output ``out`` (B, Hq, Nq, Dv) and log-sum-exp ``lse`` (B, Hq, Nq).
 
     Returns (dq, dk, dv) in the compute dtype and the bias tensors' gradients as a flat list in
-    ``bias.tensors()`` order (None where a tensor needs none). No autograd."""
+    ``bias.tensors()`` order (None where a tensor needs none). ``into``: None, or (dq, dk, dv)
+    in the compute dtype to add the gradients to in place (then returned). No autograd."""
     with flush_denormals():
-        return _backward_pass(plan, q, k, v, out, lse, dout, bias_needs_grad)
+        if plan.fused_backward:  # adds in place into ``into``: no gradient-sized buffers of its own
+            g = plan.geom
+            dq, dk, dv = engine.backward(g, plan.items, q, k, v, out, lse, dout,
+                                         item_elements=plan.options.item_elements,
+                                         mask_elements=plan.options.mask_elements, into=into)
+            return dq, dk, dv, [None for p in g.bias_parts for _ in p.tensors()]
+        dq, dk, dv, flat = _backward_pass(plan, q, k, v, out, lse, dout, bias_needs_grad)
+    if into is None:
+        return dq, dk, dv, flat
+    for acc, grad in zip(into, (dq, dk, dv)):
+        acc += grad
+    return (*into, flat)
 
 
 def _backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad):
     g = plan.geom
-    if plan.fused_backward:
-        dq, dk, dv = engine.backward(g, plan.items, q, k, v, out, lse, dout,
-                                     item_elements=plan.options.item_elements,
-                                     mask_elements=plan.options.mask_elements)
-        return dq, dk, dv, [None for p in g.bias_parts for _ in p.tensors()]
     if not plan.groups and plan.schedule is None:
         raise RuntimeError("this blockwise plan was made without a backward (make_plan(backward=False))")
     lse = lse_to_tiles(lse.to(g.dtype), g)
@@ -476,18 +483,32 @@ def block_forward(q, k, v, *, mask=None, bias=None, scale=None, softcap=None,
 
 
 def block_backward(q, k, v, out, lse, dout, *, mask=None, bias=None, scale=None, softcap=None,
-                   options: BlockwiseOptions | None = None):
+                   options: BlockwiseOptions | None = None, into=None):
     """Gradients of one block given the final (merged) ``out`` (B, Hq, Nq, Dv) and ``lse``
     (B, Hq, Nq) of the whole attention (FlashAttention-2 backward with an external lse).
 
     Returns (dq (B, Hq, Nq, D), dk (B, Hk, Nk, D), dv (B, Hk, Nk, Dv), bias_grads) in the
     compute dtype; bias_grads lists one gradient (or None) per tensor of ``bias.tensors()``.
     Summing a query's dq over all its key blocks (and a key's dk, dv over all query blocks)
-    gives the gradients of the whole attention.
+    gives the gradients of the whole attention. ``into``: None, or (dq, dk, dv) of those shapes in
+    the compute dtype (views are fine): the gradients are added to them in place and they are
+    returned, so a caller summing blocks holds no block-sized gradient buffers of this call.
     """
     plan = _block_plan(q, k, v, mask, bias, scale, softcap, options, backward=True)
+    if into is not None:
+        _check_into(into, (q, k, v), plan.geom.dtype)
     with torch.no_grad():
-        return backward_pass(plan, q, k, v, out, lse.to(plan.geom.dtype), dout)
+        return backward_pass(plan, q, k, v, out, lse.to(plan.geom.dtype), dout, into=into)
+
+
+def _check_into(into, qkv, dtype: torch.dtype) -> None:
+    if not (isinstance(into, (tuple, list)) and len(into) == 3 and all(isinstance(t, torch.Tensor) for t in into)):
+        raise TypeError(f"block_backward: into must be None or a (dq, dk, dv) tuple of tensors, got {into!r:.80}")
+    for name, acc, x in zip(("dq", "dk", "dv"), into, qkv):
+        if acc.shape != x.shape or acc.dtype != dtype or acc.device != x.device:
+            raise ValueError(f"block_backward: into's {name} must have shape {tuple(x.shape)}, dtype {dtype} and "
+                             f"device {x.device} (those of {name[1]} in the compute dtype), got "
+                             f"{tuple(acc.shape)} {acc.dtype} {acc.device}")
 
 
 class BlockwiseBackend(Backend):

@@ -480,12 +480,17 @@ def backward_items(g, items, mask_elements: int) -> tuple:
     return tuple(out)
 
 
-def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elements: int = 1 << 24):
-    """(dq, dk, dv) in g.dtype given the whole attention's out (B, Hq, Nq, D), lse (B, Hq, Nq)."""
+def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elements: int = 1 << 24, into=None):
+    """(dq, dk, dv) in g.dtype given the whole attention's out (B, Hq, Nq, D), lse (B, Hq, Nq).
+    into: None, or (dq, dk, dv) tensors of those shapes in g.dtype that the gradients are added
+    to in place (and returned): no gradient-sized buffers of this call's own."""
     items = backward_items(g, items, mask_elements)
     qc, kc, vc, oc, dc = (_dense_last(x.to(g.dtype)) for x in (q, k, v, out, dout))
     lse = lse.to(g.dtype)
-    dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc.contiguous()), torch.zeros_like(vc.contiguous())
+    if into is not None:
+        dq, dk, dv = into
+    else:
+        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc.contiguous()), torch.zeros_like(vc.contiguous())
     sp = items[0] if items and isinstance(items[0], Strip) else None
     S = _strip_tensor(g, sp, q.device) if sp is not None else None
     kcc = vcc = None

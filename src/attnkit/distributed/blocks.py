@@ -115,10 +115,7 @@ def backward_rect(kern: Kernel, rect: Rect, q, k, v, out, lse, dout, dq, dk, dv,
     dv (B, Hk, nk, Dv) keys, and bias gradients (``bias_acc``, aligned with the global spec's
     tensors). out / lse are this rank's final results (lse in the +inf convention)."""
     r, c = rect.q.rows, rect.k.rows
-    gq, gk, gv, gb = block_backward(q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], dout[:, :, r],
-                                    mask=rect.mask, bias=rect.bias, scale=kern.scale, softcap=kern.softcap,
-                                    options=kern.options)
-    dq[:, :, r] += gq
-    dk[:, :, c] += gk
-    dv[:, :, c] += gv
+    *_, gb = block_backward(q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], lse[:, :, r], dout[:, :, r],
+                            mask=rect.mask, bias=rect.bias, scale=kern.scale, softcap=kern.softcap,
+                            options=kern.options, into=(dq[:, :, r], dk[:, :, c], dv[:, :, c]))  # added in place
     add_bias_grads(bias_acc, gb, rect.slots)

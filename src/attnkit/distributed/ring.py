@@ -146,52 +146,68 @@ def ring_forward(plan: RingPlan, comm: Comm, q, k, v):
 
 
 def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
-    """(dq, dk, dv) in the compute dtype and this rank's bias gradients (global tensors)."""
+    """(dq, dk, dv) in the compute dtype and this rank's bias gradients (global tensors).
+
+    Per step: the dK/dV accumulator of the shard held (packed, K then V) is exchanged first
+    (the previous step's leaves, this step's arrives: ``_exchange_accumulator``), then the next
+    K/V shard's transfer is posted and the block gradients are added into dq and the
+    accumulator in place while it travels. Buffers in flight: the current and next K/V shard and
+    one accumulator (three K/V-shard-sized tensors; two during the exchange)."""
     P, r, need, cdt = plan.world, plan.rank, plan.need, plan.kernel.dtype
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)  # (B, Hq, nq, D)
     bias_acc = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, cdt)) if t.requires_grad else None
                 for t in plan.bias_tensors]
     lse = final_lse(lse)
-    size = k.numel() + v.numel()
     kv = (k.contiguous(), v.contiguous())  # messages need contiguous tensors (a copy only for views)
-    acc = torch.zeros(size, dtype=cdt, device=k.device)  # dK/dV of this rank's shard, packed
-    own = acc if last_step(need, r) == 0 else None  # kept only if it never leaves (else it comes back)
-    acc_pending, returned = None, None
+    new_acc = lambda: torch.empty(k.numel() + v.numel(), dtype=cdt, device=k.device)  # noqa: E731
+    acc = new_acc().zero_()  # dK/dV of the shard held, packed (K then V)
+    own = None  # this rank's dK/dV once final (kept, or returned by the last rank that needs it)
     for t in range(P):
         origin = (r - t) % P
+        if t > 0:
+            acc, back = _exchange_accumulator(plan, comm, t - 1, acc, new_acc)
+            own = back if back is not None else own
         send_kv, recv_kv = forwarded(need, origin, t), forwarded(need, (r - t - 1) % P, t)
         nxt = _empty_kv(k, v) if recv_kv else None
         kv_pending = comm.start(_kv_messages(kv, (r + 1) % P, 2 * t) if send_kv else [],
                                 _kv_messages(nxt, (r - 1) % P, 2 * t) if recv_kv else [],
                                 phase="backward", what=f"the K/V shard of step {t + 1} (backward)")
-        contrib = None
         if plan.rects[origin]:
-            # add into the accumulator when it is here (step 0), else into a buffer added on arrival
-            contrib = acc if acc_pending is None else torch.zeros(size, dtype=cdt, device=k.device)
-            dk, dv = _unpack(contrib, k.shape, v.shape)
+            dk, dv = _unpack(acc, k.shape, v.shape)  # views: the block gradients are added in place
             for rect in plan.rects[origin]:
                 backward_rect(plan.kernel, rect, q, *kv, out, lse, dout, dq, dk, dv, bias_acc)
-        if acc_pending is not None:
-            acc_pending.wait()  # the accumulator of this step's shard has arrived
-        if contrib is not None and contrib is not acc:
-            acc.add_(contrib)
-        sends, recvs, nxt_acc = [], [], None
-        if send_kv:
-            sends.append((acc, (r + 1) % P, 4 * t + 2))
-        elif t == last_step(need, origin) and origin != r:
-            sends.append((acc, origin, 4 * t + 3))  # back to its owner
-        if recv_kv:
-            nxt_acc = torch.empty(size, dtype=cdt, device=k.device)
-            recvs.append((nxt_acc, (r - 1) % P, 4 * t + 2))
-        if t == last_step(need, r) and t > 0:
-            returned = torch.empty(size, dtype=cdt, device=k.device)
-            recvs.append((returned, (r + t) % P, 4 * t + 3))
-        acc_pending = comm.start(sends, recvs, phase="backward", what=f"the dK/dV accumulators of step {t}")
+        if t == 0 and last_step(need, r) == 0:
+            own = acc  # nobody else needs this rank's keys: its accumulator never leaves
         kv_pending.wait()
-        kv, acc = nxt, nxt_acc
-    acc_pending.wait()
-    dk, dv = _unpack(own if returned is None else returned, k.shape, v.shape)
+        kv = nxt
+    _, back = _exchange_accumulator(plan, comm, P - 1, acc, new_acc)
+    own = back if back is not None else own
+    dk, dv = _unpack(own, k.shape, v.shape)
     return dq, dk, dv, bias_acc
+
+
+def _exchange_accumulator(plan: RingPlan, comm: Comm, t: int, acc, new_acc):
+    """After step t: send the accumulator held (origin r - t) on with its K/V shard, or back to
+    its owner at the shard's last needed step; receive the one of step t + 1 (from r - 1) and,
+    at this rank's own last needed step, this rank's final dK/dV. Posted and waited at once (one
+    batch: NCCL needs sends and receives between two ranks in one batch), so the sent buffer is
+    freed before the next K/V buffer exists. ``new_acc()`` makes an empty accumulator. Returns (the accumulator of step t + 1 or None,
+    this rank's returned dK/dV or None)."""
+    P, r, need = plan.world, plan.rank, plan.need
+    origin = (r - t) % P
+    sends, recvs, nxt, back = [], [], None, None
+    if acc is not None and forwarded(need, origin, t):
+        sends.append((acc, (r + 1) % P, 4 * t + 2))
+    elif acc is not None and t == last_step(need, origin) and origin != r:
+        sends.append((acc, origin, 4 * t + 3))  # back to its owner
+    if t + 1 < P and forwarded(need, (r - t - 1) % P, t):
+        nxt = new_acc()
+        recvs.append((nxt, (r - 1) % P, 4 * t + 2))
+    if t == last_step(need, r) and t > 0:
+        back = new_acc()
+        recvs.append((back, (r + t) % P, 4 * t + 3))
+    comm.start(sends, recvs, phase="backward", what=f"the dK/dV accumulators of step {t}").wait()
+    return nxt, back
 
 
 class _RingAttention(torch.autograd.Function):
