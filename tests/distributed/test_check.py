@@ -22,3 +22,21 @@ def test_mask_names():
     assert repr(mask_from_name("window:4", 8)) == "sliding_window(3, 0)"
     with pytest.raises(ValueError, match="window:W"):
         mask_from_name("window", 8)
+
+
+def test_seeded_rows_are_the_global_tensors_rows_for_every_layout_and_world_size():
+    import torch
+
+    from attnkit.distributed.check import ROWS_PER_SEED, seeded_rows
+    from attnkit.distributed.layout import local_positions
+
+    N = 2 * 3 * 4 * 50  # divisible by 2P for P = 1..4; chunks that cut the seed groups
+    whole = seeded_rows(2, 3, 5, torch.arange(N), seed=7, dtype=torch.float64)  # (2, 3, N, 5)
+    assert whole.shape == (2, 3, N, 5) and whole.dtype == torch.float64
+    assert not torch.equal(whole[:, :, :ROWS_PER_SEED], whole[:, :, ROWS_PER_SEED:2 * ROWS_PER_SEED])
+    for world in (1, 2, 3, 4):
+        for layout in ("contiguous", "zigzag"):
+            for rank in range(world):
+                pos = local_positions(layout, N // world, rank, world)
+                assert torch.equal(seeded_rows(2, 3, 5, pos, seed=7, dtype=torch.float64), whole[:, :, pos])
+    assert not torch.equal(seeded_rows(2, 3, 5, torch.arange(N), seed=8), whole.float())

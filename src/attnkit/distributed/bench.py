@@ -6,10 +6,14 @@
 Legend: B batch, H heads, N global length, D head dim, P processes (gloo on CPU, one thread each).
 
 memory: for each P, a ring forward + backward (``--mask``, ``--layout``) where every rank makes
-only its own shard. Per rank: peak resident memory of the step above the process's memory before
-any tensor existed (the attention's share: shards, outputs, gradients, ring buffers, tile
-workspace), time, and bytes sent against the schedule's expectation and the (P-1)/P share of
-the global K/V volume.
+only its own shard (rows seeded by global position: the same global problem for every P, no
+global tensor anywhere). Per rank: the baseline (resident memory after imports and the rank's
+q, k, v, dout shards), the attention's memory (peak resident memory of the step above that
+baseline: output, gradients, ring buffers, block workspace) and its ratio to P = 1, time, and
+bytes sent against the schedule's expectation and the (P-1)/P share of the global K/V volume.
+The ranks run with ``MALLOC_MMAP_THRESHOLD_`` = 1 MiB, so a freed tensor leaves the resident
+set and the peak is the tensors' peak: with glibc's default the threshold adapts up to 32 MiB
+and freed blocks below it stay resident and fragment (``--glibc-default`` measures that).
 
 torch: non-causal attention, the case torch 2.13's ``context_parallel`` runs on CPU (its CPU
 SDPA has a forward sharding rule only; causal and backward raise). Per implementation and P, in
@@ -45,16 +49,24 @@ def _load() -> str:
         return "?"
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes: glibc serves larger blocks by mmap and unmaps them when freed
+
+
 def memory(args) -> list[dict]:
     from .check import run_rank
     from .launch import spawn
 
+    if args.glibc_default:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+    else:  # read by the spawned ranks at start-up: freed tensors leave the resident set (see module doc)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     print(f"ring attention memory: B={args.batch}, H={args.heads}, N={args.seq_len}, D={args.dim}, mask={args.mask}, "
-          f"layout={args.layout}, {args.dtype}, gloo, 1 thread per rank")
-    print("| P | rank | attention MiB (peak - base) | step MiB (peak - before) | fwd s | bwd s "
-          "| sent fwd MiB (expected) | sent bwd MiB (expected) | fwd sent / global K,V | load before |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
-    rows = []
+          f"layout={args.layout}, {args.dtype}, gloo, 1 thread per rank, "
+          f"{'glibc default malloc' if args.glibc_default else f'MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}'}")
+    print("| P | rank | baseline MiB (imports + inputs) | inputs MiB | attention MiB (peak - baseline) | x P=1 | fwd s "
+          "| bwd s | sent fwd MiB (expected) | sent bwd MiB (expected) | fwd sent / global K,V | load before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows, first = [], None
     for P in args.procs:  # each P's rows print when it ends (a long run keeps what it measured)
         cfg = {"n": args.seq_len, "batch": args.batch, "heads": args.heads, "kv_heads": None, "dim": args.dim,
                "mask": args.mask, "layout": args.layout, "dtype": args.dtype, "device": "cpu",
@@ -63,14 +75,17 @@ def memory(args) -> list[dict]:
         reports = spawn(run_rank, P, cfg, timeout_s=args.timeout, threads=1, deadline_s=4 * args.timeout)
         kv_global = 2 * args.batch * args.heads * args.seq_len * args.dim * torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
         for r in reports:
-            row = {"P": P, "rank": r["rank"], "attn_mib": r["peak_rss_mib"] - r["rss_base_mib"],
-                   "step_mib": r["peak_rss_mib"] - r["rss_before_mib"], "fwd_s": r["forward_s"],
+            attn = r["peak_rss_mib"] - r["rss_before_mib"]
+            first = attn if first is None and P == 1 else first
+            row = {"P": P, "rank": r["rank"], "base_mib": r["rss_before_mib"], "inputs_mib": r["inputs_mib"],
+                   "attn_mib": attn, "x_p1": None if first is None else attn / first, "fwd_s": r["forward_s"],
                    "bwd_s": r["backward_s"], "sent_fwd": r["sent_forward"], "exp_fwd": r["expected_forward"],
                    "sent_bwd": r["sent_backward"], "exp_bwd": r["expected_backward"],
                    "share_fwd": r["sent_forward"] / kv_global, "load": load}
             rows.append(row)
-            print(f"| {P} | {row['rank']} | {row['attn_mib']:.0f} | {row['step_mib']:.0f} | {row['fwd_s']:.1f} "
-                  f"| {row['bwd_s']:.1f} | {row['sent_fwd'] / 2**20:.0f} ({row['exp_fwd'] / 2**20:.0f}) "
+            ratio = "-" if row["x_p1"] is None else f"{row['x_p1']:.2f}"
+            print(f"| {P} | {row['rank']} | {row['base_mib']:.0f} | {row['inputs_mib']:.0f} | {attn:.0f} | {ratio} "
+                  f"| {row['fwd_s']:.1f} | {row['bwd_s']:.1f} | {row['sent_fwd'] / 2**20:.0f} ({row['exp_fwd'] / 2**20:.0f}) "
                   f"| {row['sent_bwd'] / 2**20:.0f} ({row['exp_bwd'] / 2**20:.0f}) | {row['share_fwd']:.3f} "
                   f"| {load.split(',')[0]} |", flush=True)
     return rows
@@ -186,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--mask", default="causal")
             s.add_argument("--layout", default="zigzag", choices=("zigzag", "contiguous"))
             s.add_argument("--dtype", default="float32")
+            s.add_argument("--glibc-default", action="store_true",
+                           help="keep glibc's adaptive mmap threshold (freed blocks up to 32 MiB stay resident)")
         else:
             s.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)

@@ -5,13 +5,14 @@
 
 Legend: B batch, H query heads, Hk key/value heads, N global length, D head dim, P processes.
 
-Every rank builds the same seeded global q, k, v, takes its shard (``--layout``), runs
-``ring_attention`` forward and backward (gloo on CPU; NCCL when torchrun starts GPU processes and
-``--device cuda``), and reports: the peak resident memory of the ring step (VmHWM of the process,
-reset just before the step) and how much of it the step added, bytes sent against what the
-schedule expects, and max |ring - single process| of out, dq, dk, dv, where rank 0 runs
-``attnkit.attention`` on the whole sequence and broadcasts the result. Rank 0 prints one line
-per rank; the exit code is 1 when any rank is outside the dtype's tolerance.
+Every rank makes its shard (``--layout``) of one seeded global q, k, v (rows seeded by global
+position, ``seeded_rows``: no rank builds the global tensors), runs ``ring_attention`` forward
+and backward (gloo on CPU; NCCL when torchrun starts GPU processes and ``--device cuda``), and
+reports: the resident memory of the process with its inputs (the baseline) and the peak of the
+ring step (VmHWM, reset just before the step), bytes sent against what the schedule expects,
+and max |ring - single process| of out, dq, dk, dv, where rank 0 runs ``attnkit.attention`` on
+the whole sequence (from the same seeded rows) and broadcasts the result. Rank 0 prints one
+line per rank; the exit code is 1 when any rank is outside the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
 
     warm = torch.ones(1, requires_grad=True)  # torch's first backward(gradient) imports for ~1 s: not ours to time
     (warm * 2).backward(torch.ones(1))
-    base, _ = _rss_mib()  # before any tensor of the check exists
+    base, _ = _rss_mib()  # after imports, before any tensor of the check exists
     dtype, dev = getattr(torch, cfg["dtype"]), torch.device(cfg["device"])
     if dev.type == "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -86,22 +87,14 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     Hk, layout = cfg["kv_heads"] or H, cfg["layout"]
     mask = mask_from_name(cfg["mask"], N)
     pos = local_positions(layout, N // world, rank, world, device=dev)
-    gen = torch.Generator(device=dev)
-
-    def make(heads, seed):  # the global tensor's shard, without building the global tensor
-        gen.manual_seed(seed)
-        return torch.randn(B, heads, N, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
-
-    if cfg["no_reference"]:  # each shard from its own seed: memory of the shard only
-        shard = lambda seed, heads: make_local(B, heads, N // world, D, seed * 1000 + rank, dtype, dev)
-    else:
-        shard = lambda seed, heads: make(heads, seed)[:, :, pos]
-    q, k, v = shard(1, H).requires_grad_(), shard(2, Hk).requires_grad_(), shard(3, Hk).requires_grad_()
-    dout = shard(4, H)
+    every = torch.arange(N, device=dev)
+    make = lambda heads, seed, at=pos: seeded_rows(B, heads, D, at, seed, dtype=dtype, device=dev)  # noqa: E731
+    q, k, v = make(H, 1).requires_grad_(), make(Hk, 2).requires_grad_(), make(Hk, 3).requires_grad_()
+    dout = make(H, 4)
     opts = RingOptions(timeout_s=cfg["timeout"])
     gc.collect()
     dist.barrier()
-    before, _ = _rss_mib()
+    before, _ = _rss_mib()  # the process baseline: imports and this rank's inputs
     reset = reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -119,6 +112,7 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     report = {
         "rank": rank, "world": world, "rows": list(q.shape), "forward_s": t1 - t0, "backward_s": t2 - t1,
         "rss_base_mib": base, "rss_before_mib": before, "peak_rss_mib": peak if reset else None,
+        "inputs_mib": sum(t.numel() * t.element_size() for t in (q, k, v, dout)) / 2**20,
         "cuda_peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
         "sent_forward": sent.sent.get("forward", 0), "sent_backward": sent.sent.get("backward", 0),
         "expected_forward": exp_f, "expected_backward": exp_b, "kv_shard_bytes": kv_bytes,
@@ -134,9 +128,9 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     if rank == 0:
         from ..functional import attention
 
-        leaves = [make(H, 1).requires_grad_(), make(Hk, 2).requires_grad_(), make(Hk, 3).requires_grad_()]
+        leaves = [make(h, seed, every).requires_grad_() for h, seed in ((H, 1), (Hk, 2), (Hk, 3))]
         ref = attention(*leaves, mask=mask)
-        ref.backward(make(H, 4))
+        ref.backward(make(H, 4, every))
         refs = [ref.detach(), *(t.grad for t in leaves)]
     for r in refs:
         dist.broadcast(r, 0)
@@ -151,9 +145,26 @@ def run_rank(rank: int, world: int, cfg: dict) -> dict:
     return report
 
 
-def make_local(B, heads, n, D, seed, dtype, dev):
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    return torch.randn(B, heads, n, D, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+ROWS_PER_SEED = 256  # positions per generator seed of ``seeded_rows``
+
+
+def seeded_rows(B: int, heads: int, D: int, positions: torch.Tensor, seed: int, *, dtype=torch.float32,
+                device="cpu") -> torch.Tensor:
+    """(B, heads, len(positions), D) standard normal rows of a global tensor whose rows depend only
+    on (seed, global position): rows are drawn in groups of ROWS_PER_SEED positions, each from
+    its own generator, so a rank makes its shard without the global tensor (memory O(shard)) and
+    every layout and P see the same global q, k, v. The single-process reference passes all
+    positions."""
+    blocks = torch.unique(positions.cpu() // ROWS_PER_SEED)  # sorted
+    drawn = torch.empty(B, heads, len(blocks) * ROWS_PER_SEED, D, dtype=torch.float32, device=device)  # (B, H, n', D)
+    gen = torch.Generator(device=device)
+    for i, b in enumerate(blocks.tolist()):
+        gen.manual_seed(seed * 1_000_003 + b)
+        torch.randn(B, heads, ROWS_PER_SEED, D, generator=gen, device=device, dtype=torch.float32,
+                    out=drawn[:, :, i * ROWS_PER_SEED:(i + 1) * ROWS_PER_SEED])
+    slot = torch.searchsorted(blocks.to(positions.device), positions // ROWS_PER_SEED)  # block index per position
+    rows = drawn[:, :, slot * ROWS_PER_SEED + positions % ROWS_PER_SEED]  # (B, H, len(positions), D)
+    return rows.to(dtype)
 
 
 def format_reports(reports: list, cfg: dict) -> str:
