@@ -321,6 +321,34 @@ def test_block_functions_merge_over_key_blocks_like_the_whole_attention():
 
 
 @pytest.mark.parametrize("fused", [True, False])
+def test_block_backward_into_adds_in_place_and_returns_the_accumulators(fused):
+    """``into=(dq, dk, dv)`` (views of one packed buffer, holding earlier blocks' sums) gets the
+    block's gradients added in place, on both engines; wrong accumulators are a clear error."""
+    from attnkit.backends.blockwise import block_backward, block_forward
+
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hk, Nq, Nk, D = 1, 4, 2, 19, 26, 8
+    q, k, v, prior = (torch.randn(B, h, n, D, generator=g, dtype=torch.float64)
+                      for h, n in ((Hq, Nq), (Hk, Nk), (Hk, Nk), (Hq, Nq)))
+    opts = BlockwiseOptions(block_q=8, block_k=8, fused=fused)
+    mask = M.causal()
+    out, lse = block_forward(q, k, v, mask=mask, options=opts)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want = block_backward(q, k, v, out, lse, dout, mask=mask, options=opts)[:3]
+    packed = torch.randn(k.numel() + v.numel(), generator=g, dtype=torch.float64)
+    dk, dv = packed[:k.numel()].view(k.shape), packed[k.numel():].view(v.shape)
+    dq, before = prior.clone(), (prior.clone(), dk.clone(), dv.clone())
+    got = block_backward(q, k, v, out, lse, dout, mask=mask, options=opts, into=(dq, dk, dv))
+    assert got[0] is dq and got[1] is dk and got[2] is dv and got[3] == []
+    for acc, b, w in zip((dq, dk, dv), before, want):
+        assert_close(acc, b + w, backend="blockwise", grad=True)
+    with pytest.raises(ValueError, match="into's dk must have shape"):
+        block_backward(q, k, v, out, lse, dout, mask=mask, options=opts, into=(dq, dq, dv))
+    with pytest.raises(TypeError, match="into must be None or a"):
+        block_backward(q, k, v, out, lse, dout, mask=mask, options=opts, into=dq)
+
+
+@pytest.mark.parametrize("fused", [True, False])
 def test_rows_blocked_by_minus_inf_bias_give_zeros(fused):
     """A dense bias holding -inf blocks whole rows: zeros and zero gradients, on both engines."""
     shape = Shape(1, 2, 1, 20, 20, 4, 4)

@@ -20,10 +20,13 @@ Schedule (identical on every rank, so no rank waits for a message nobody sends):
   dq stays local. Bias gradients are this rank's share; sum them over the group, like any
   parameter gradient of a context-parallel step.
 
-Memory per rank: the shards O((nq + nk) H D), two K/V shards in flight (current and next) and,
-in backward, the dK/dV accumulators (this step's, the next one's, and a buffer for this step's
-contribution while its accumulator is on the way), plus the block kernel's tile workspace, which
-does not depend on N or P (``BlockwiseOptions.item_elements``): a / P + c.
+Memory per rank (s = one q-shard-sized tensor, K/V shard = 2s when Hk = Hq): the output and the
+log-sum-exp (s), dq (s), the current and the next K/V shard (4s) and one dK/dV accumulator (2s),
+which the block gradients are added into in place (``block_backward(into=...)``), plus the block
+kernel's buffers for one rectangle (its gradients, at most a shard's). Every term is O(N / P):
+nothing global, nothing that grows with P. The K/V transfer overlaps the compute; the
+accumulator is exchanged between steps (one K/V-shard-sized message per hop, not overlapped),
+which keeps one accumulator alive instead of three (incoming, outgoing and the block's own).
 """
 
 from __future__ import annotations
