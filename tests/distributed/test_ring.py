@@ -63,3 +63,13 @@ def test_a_rank_that_never_calls_gives_a_timeout_error_not_a_hang():
     kind, msg, secs = spawn(workers.silent_peer, 2, timeout_s=30)[0]
     assert kind == "RingTimeoutError" and "same ring_attention calls" in msg
     assert secs < 10
+
+
+def test_ring_memory_per_rank_is_a_few_shards_and_no_global_tensor():
+    """Allocation events of a 4-rank causal zigzag step (float32): no tensor larger than one K/V
+    shard (2s, s = one q shard; the global q alone is 4s) and at most 12s live at once (output
+    and dq 2s, dK/dV accumulator 2s, current and next K/V shard 4s, the block kernel's buffers
+    for one rectangle ~2.3s; the ring before this bound held ~16s)."""
+    for rank, r in enumerate(spawn(workers.allocations, 4, 4096, timeout_s=120)):
+        assert r["largest"] <= 2 * r["s"], (rank, r)
+        assert r["peak"] <= 12 * r["s"], (rank, r["peak"] / r["s"])

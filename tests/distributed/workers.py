@@ -187,3 +187,39 @@ def training_step(rank: int, world: int) -> dict:
     errs["mha out"] = (out - cp.shard(ref, 1)).abs().max().item()
     errs["mha dx"] = (xs.grad - cp.shard(x.grad, 1)).abs().max().item()
     return errs
+
+
+def allocations(rank: int, world: int, n_global: int) -> dict:
+    """Torch's allocation events (profiler) during one causal zigzag ring forward + backward in
+    float32: the largest single allocation and the peak of the live bytes allocated during the
+    step, with the size s of one q shard (B, H, n, D)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    from attnkit.distributed.check import seeded_rows
+    from attnkit.distributed.layout import local_positions
+
+    pos = local_positions("zigzag", n_global // world, rank, world)
+    q, k, v, dout = (seeded_rows(1, 8, 32, pos, seed) for seed in (1, 2, 3, 4))  # (1, 8, n, 32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ring_attention(q, k, v, mask=M.causal(), options=RingOptions(timeout_s=60)).backward(dout)
+    events = []
+
+    def walk(e):
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size))
+        for c in e.children:
+            walk(c)
+
+    for e in prof.profiler.kineto_results.experimental_event_tree():
+        walk(e)
+    live, now, peak, largest = {}, 0, 0, 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr], now, largest = size, now + size, max(largest, size)
+            peak = max(peak, now)
+        elif ptr in live:  # frees of tensors made before the step are not counted
+            now -= live.pop(ptr)
+    return {"largest": largest, "peak": peak, "s": q.numel() * q.element_size()}

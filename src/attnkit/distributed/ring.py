@@ -154,8 +154,9 @@ def ring_backward(plan: RingPlan, comm: Comm, q, k, v, out, lse, dout):
     Per step: the dK/dV accumulator of the shard held (packed, K then V) is exchanged first
     (the previous step's leaves, this step's arrives: ``_exchange_accumulator``), then the next
     K/V shard's transfer is posted and the block gradients are added into dq and the
-    accumulator in place while it travels. Buffers in flight: the current and next K/V shard and
-    one accumulator (three K/V-shard-sized tensors; two during the exchange)."""
+    accumulator in place while it travels. Buffers: the current and next K/V shard and one
+    accumulator while computing; the current K/V shard and the outgoing and incoming
+    accumulators during the exchange (three K/V-shard-sized tensors at most)."""
     P, r, need, cdt = plan.world, plan.rank, plan.need, plan.kernel.dtype
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)  # (B, Hq, nq, D)
     bias_acc = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, cdt)) if t.requires_grad else None
@@ -194,8 +195,8 @@ def _exchange_accumulator(plan: RingPlan, comm: Comm, t: int, acc, new_acc):
     its owner at the shard's last needed step; receive the one of step t + 1 (from r - 1) and,
     at this rank's own last needed step, this rank's final dK/dV. Posted and waited at once (one
     batch: NCCL needs sends and receives between two ranks in one batch), so the sent buffer is
-    freed before the next K/V buffer exists. ``new_acc()`` makes an empty accumulator. Returns (the accumulator of step t + 1 or None,
-    this rank's returned dK/dV or None)."""
+    freed before the next K/V buffer exists. ``new_acc()`` makes an empty accumulator.
+    Returns (the accumulator of step t + 1 or None, this rank's returned dK/dV or None)."""
     P, r, need = plan.world, plan.rank, plan.need
     origin = (r - t) % P
     sends, recvs, nxt, back = [], [], None, None
