@@ -64,6 +64,12 @@ def test_float32_scores_beyond_exp_overflow(peak, mask, engine):
 N_LARGE = 16384
 
 
+def _bench_doc_ids(n: int) -> torch.Tensor:
+    from attnkit.bench.cases_softmax import _doc_ids
+
+    return _doc_ids(n)
+
+
 def _large_masks() -> dict:
     g = torch.Generator().manual_seed(0)
     nb = N_LARGE // 128
@@ -79,6 +85,7 @@ def _large_masks() -> dict:
         "block_sparse": M.block_sparse(layout, 128),
         "bigbird": M.bigbird(64, 3, 2, 2, seed=1),
         "document_causal": M.document(docs) & M.causal(),
+        "document_bench": M.document(_bench_doc_ids(N_LARGE)) & M.causal(),  # equal documents batched
         "prefix_lm": M.prefix_lm(3000),
         "causal_and_padding": M.causal() & M.key_padding(torch.tensor([12000])),
     }

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import EMPTY, FULL, Band
+from ..masks import EMPTY, FULL, Band, Document
 
 NEG_INF = float("-inf")
 _OPS = torch.ops.aten
@@ -82,6 +82,23 @@ class Strip:
 
 
 @dataclass(frozen=True)
+class Docs:
+    """n documents of equal geometry in one kernel call: document i reads query rows
+    r0 + i*step .. + R - 1 and keys k0 + i*step .. + L - 1 (strided views of Q/K/V/out, the
+    documents along the kernel's batch dim, B*H along its heads: no copy); a query at local row
+    a sees local keys c' <= a + c (``_causal_like(R, L, c)``: one causal square or full
+    rectangle, or a full and a causal one)."""
+
+    r0: int
+    k0: int
+    step: int
+    n: int
+    R: int
+    L: int
+    c: int
+
+
+@dataclass(frozen=True)
 class Windows:
     t0: int
     t1: int
@@ -122,7 +139,61 @@ def plan_items(g, st: torch.Tensor | None, *, mask_elements: int, window_rows: i
                 return _causal_like(Nq, Nk, off + m.hi)
             if m.lo is not None and m.hi is not None and m.hi - m.lo + 1 <= Nk // 2:
                 return _windows(g, m.lo, m.hi, window_rows)
+        items = _document_items(g)
+        if items is not None:
+            return items
     return _from_tiles(g, st, mask_elements)
+
+
+def _document_ranges(g):
+    """(key ranges (a, b) of the documents, band hi or None) when the mask is a ``Document`` (one
+    ids row for the whole batch, each id one contiguous run) ``&`` bands without a lower end
+    (causal and the like); else None."""
+    parts = g.mask.conjuncts()
+    docs = [p for p in parts if type(p) is Document]
+    bands = [p for p in parts if type(p) is Band]
+    if len(docs) != 1 or len(docs) + len(bands) != len(parts) or any(b.lo is not None for b in bands):
+        return None
+    ids = docs[0].ids
+    if ids.shape[1] != g.Nk or (ids.shape[0] > 1 and not bool((ids == ids[:1]).all())):
+        return None
+    vals, counts = torch.unique_consecutive(ids[0], return_counts=True)
+    if len(torch.unique(vals)) != len(vals):
+        return None  # an id in two runs: its pieces see each other
+    ends = torch.cumsum(counts, 0).tolist()
+    his = [b.hi for b in bands if b.hi is not None]
+    return list(zip([0] + ends[:-1], ends)), (min(his) if his else None)
+
+
+def _document_items(g):
+    """One causal (or full) square per document, documents of equal geometry batched into one
+    ``Docs`` call per arithmetic run of starts: the work is sum(doc_len^2) / 2, not 128-tiles.
+    None when the mask is not such a document mask, or the documents are so many and so varied
+    that there would be more calls than query tiles (the tile plan is cheaper then)."""
+    found = _document_ranges(g)
+    if found is None:
+        return None
+    ranges, hi = found
+    off = g.Nk - g.Nq
+    groups = {}
+    for a, b in ranges:
+        pa = max(a, off)  # first query position in this document
+        if pa >= b:
+            continue
+        R, L = b - pa, b - a
+        c = L - 1 if hi is None else min(L - 1, pa - a + hi)
+        groups.setdefault((R, L, c, pa - off - a), []).append(a)
+    items = []
+    for (R, L, c, dr), starts in groups.items():
+        i = 0
+        while i < len(starts):
+            step = starts[i + 1] - starts[i] if i + 1 < len(starts) else 0
+            n = 1
+            while i + n < len(starts) and starts[i + n] - starts[i + n - 1] == step:
+                n += 1
+            items.append(Docs(starts[i] + dr, starts[i], step if n > 1 else 0, n, R, L, c))
+            i += n
+    return tuple(items) if len(items) <= max(16, g.Tq) else None
 
 
 def _strip_items(g, band, mask_elements: int):
@@ -365,14 +436,24 @@ def _unblock_rows(y: torch.Tensor, g, bw: int) -> torch.Tensor:
 
 
 def _merge(out, lse, seen, r0, r1, o, s):
-    """Fold a partial result (o (B, Hq, R, D), s (B, Hq, R)) into rows r0..r1-1 of out / lse."""
-    if not seen[r0:r1].any():
+    """Fold a partial result (o (B, Hq, R, D), s (B, Hq, R)) into rows r0..r1-1 of out / lse
+    (uninitialised where ``seen`` is False: the first result of a row is copied)."""
+    prev = seen[r0:r1]
+    if not prev.any():
         out[:, :, r0:r1] = o
         lse[:, :, r0:r1] = s
         seen[r0:r1] = True
         return
+    if not prev.all():
+        fresh = (~prev).nonzero().squeeze(1) + r0
+        out[:, :, fresh] = 0
+        lse[:, :, fresh] = NEG_INF
     seen[r0:r1] = True
-    s0, o0 = lse[:, :, r0:r1], out[:, :, r0:r1]
+    _fold(out[:, :, r0:r1], lse[:, :, r0:r1], o, s)
+
+
+def _fold(o0, s0, o, s):
+    """o0 / s0 (views of out / lse) <- the log-sum-exp merge of (o0, s0) and (o, s), in place."""
     m = torch.maximum(s0, s)
     m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
     a, b = torch.exp(s0 - m), torch.exp(s - m)
@@ -422,12 +503,19 @@ def forward(g, items, q, k, v):
     qc, kc, vc = (_dense_last(x.to(g.dtype)) for x in (q, k, v))
     sp = items[0] if items and isinstance(items[0], Strip) else None
     S = _strip_tensor(g, sp, q.device) if sp is not None else None
-    out = torch.zeros(g.B, g.Hq, g.Nq, vc.shape[-1], dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
-    lse = torch.full((g.B, g.Hq, g.Nq), NEG_INF, dtype=g.dtype, device=q.device)
+    if len(items) == 1 and isinstance(items[0], Rect) and (items[0].r0, items[0].r1) == (0, g.Nq):
+        return _whole(g, items[0], qc, kc, vc)
+    # Uninitialised: each row's first result is copied in, rows no item reaches are zeroed at the end.
+    out = torch.empty(g.B, g.Hq, g.Nq, vc.shape[-1], dtype=g.dtype, device=q.device)  # (B, Hq, Nq, D)
+    lse = torch.empty((g.B, g.Hq, g.Nq), dtype=g.dtype, device=q.device)
     seen = torch.zeros(g.Nq, dtype=torch.bool)
-    kcc = vcc = None
+    kcc = vcc = dense = None
     for it in items:
         if isinstance(it, Strip):
+            continue
+        if isinstance(it, Docs):
+            dense = dense or tuple(x.contiguous() for x in (qc, kc, vc))
+            _docs_forward(g, it, *dense, out, lse, seen)
             continue
         if isinstance(it, Windows):
             if kcc is None:
@@ -445,8 +533,20 @@ def forward(g, items, q, k, v):
         if ok is not None:
             s = s.masked_fill(~ok, NEG_INF)
         _merge(out, lse, seen, it.r0, it.r1, o, s)
+    if not bool(seen.all()):
+        out[:, :, ~seen] = 0
+        lse[:, :, ~seen] = NEG_INF
     lse.masked_fill_(lse == NEG_INF, float("inf"))
     return out, lse
+
+
+def _whole(g, it: Rect, qc, kc, vc):
+    """A plan of one rectangle over every query row: the kernel's output is the result (no copy)."""
+    add, ok = _rect_mask(g, it, qc.device)
+    o, s = _FWD(qc, kc[:, :, it.k0:it.k1], vc[:, :, it.k0:it.k1], 0.0, it.causal, attn_mask=add, scale=g.scale)
+    if ok is not None:
+        s = s.masked_fill(~ok, NEG_INF)
+    return o, s.masked_fill(s == NEG_INF, float("inf"))
 
 
 BACKWARD_ROWS = 1024  # the kernel's backward needs >= 768 query rows per call for its 256-row blocks
@@ -487,20 +587,32 @@ def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elem
     items = backward_items(g, items, mask_elements)
     qc, kc, vc, oc, dc = (_dense_last(x.to(g.dtype)) for x in (q, k, v, out, dout))
     lse = lse.to(g.dtype)
+    whole = len(items) == 1 and isinstance(items[0], Rect) and (items[0].r0, items[0].r1, items[0].k0, items[0].k1) == (0, g.Nq, 0, g.Nk)
+    if whole and into is None:
+        # one rectangle over everything (dense, causal): the kernel's gradients are the result
+        add = _rect_mask(g, items[0], q.device)[0]
+        return _BWD(dc, qc, kc, vc, oc, lse, 0.0, items[0].causal, attn_mask=add, scale=g.scale)
     if into is not None:
         dq, dk, dv = into
     else:
-        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc.contiguous()), torch.zeros_like(vc.contiguous())
+        dq, dk, dv = (torch.zeros_like(x, memory_format=torch.contiguous_format) for x in (qc, kc, vc))
+    docs_into = None  # contiguous accumulators for Docs items (their strided views need them)
     sp = items[0] if items and isinstance(items[0], Strip) else None
     S = _strip_tensor(g, sp, q.device) if sp is not None else None
-    kcc = vcc = None
+    kcc = vcc = dense = None
     for it in items:
         if isinstance(it, Strip):
+            continue
+        if isinstance(it, Docs):
+            dense = dense or tuple(x.contiguous() for x in (qc, kc, vc, oc, lse, dc))
+            docs_into = docs_into or tuple(t if t.is_contiguous() else torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+                                           for t in (dq, dk, dv))
+            _docs_backward(g, it, *dense, *docs_into)
             continue
         if isinstance(it, Windows):
             if kcc is None:
                 kcc, vcc = kc.contiguous(), vc.contiguous()
-            _windows_backward(g, it, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, max(1, mask_elements // 4))
+            _windows_backward(g, it, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, item_elements)
             continue
         add = _strip_mask(g, sp, S, it)[0] if it.strip else _rect_mask(g, it, q.device)[0]
         r, c = slice(it.r0, it.r1), slice(it.k0, it.k1)
@@ -509,6 +621,9 @@ def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elem
         dq[:, :, r] += gq
         dk[:, :, c] += gk
         dv[:, :, c] += gv
+    for acc, got in zip((dq, dk, dv), docs_into or ()):
+        if got is not acc:
+            acc += got
     return dq, dk, dv
 
 
@@ -524,8 +639,64 @@ def _windows_backward(g, it: Windows, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, bud
         kv, vv = _window_views(g, it, kcc, vcc, c0, c1)
         dob, qb, ob, sb = (_block_rows(x, g, bw, c0, c1) for x in (dc, qc, oc, lse.unsqueeze(-1)))
         gq, gk, gv = _BWD(dob, qb, kv, vv, ob, sb.squeeze(-1), 0.0, False, attn_mask=pattern, scale=g.scale)
-        dq[:, :, c0 * bw:c1 * bw] += _unblock_rows(gq, g, bw)
+        rows = _block_rows(dq, g, bw, c0, c1)  # a view of dq when G == 1: add in place, no copy
+        if rows.untyped_storage().data_ptr() == dq.untyped_storage().data_ptr():
+            rows.add_(gq)
+        else:
+            dq[:, :, c0 * bw:c1 * bw] += _unblock_rows(gq, g, bw)
         keys = ((torch.arange(c0, c1, device=qc.device) * bw + start).view(-1, 1)
                 + torch.arange(L, device=qc.device)).view(-1)  # (nb*L,) key of each window row
         for dst, src in ((dk, gk), (dv, gv)):  # (B*Hk, nb, L, X) -> rows of (B, Hk, Nk, X)
             dst.view(g.B * g.Hk, g.Nk, -1).index_add_(1, keys, src.reshape(g.B * g.Hk, -1, src.shape[-1]))
+
+
+def _doc_view(x: torch.Tensor, it: Docs, start: int, size: int) -> torch.Tensor:
+    """Documents of ``it`` in x (B, H, N, X) or (B, H, N), contiguous: rows start + i*step ..
+    + size - 1 of document i, as (n, B*H, size, X) or (n, B*H, size). A view."""
+    if not x.is_contiguous():
+        raise RuntimeError("_doc_view needs a contiguous tensor")
+    B, H, N = x.shape[:3]
+    tail = x.shape[3:]
+    X = tail[0] if tail else 1
+    shape = (it.n, B * H, size) + tail
+    stride = (it.step * X, N * X, X) + ((1,) if tail else ())
+    return x.as_strided(shape, stride, x.storage_offset() + start * X)
+
+
+def _doc_rects(it: Docs) -> tuple:
+    """Local (rows, keys) rectangles of one document (row a sees keys <= a + c). One causal call
+    per document beats rows cut into bands (full rectangle + causal square each): same work
+    within the kernel's 512-key blocks, and 2-3x the calls, each a thread barrier that a loaded
+    machine stretches (measured on a loaded machine: banded 1.5-7x slower at N=16384)."""
+    return _causal_like(it.R, it.L, it.c)
+
+
+def _docs_forward(g, it: Docs, q, k, v, out, lse, seen):
+    """Run the documents of ``it`` and write their rows of out (B, Hq, Nq, D) / lse (B, Hq, Nq),
+    marking them in ``seen`` (Nq,). All tensors contiguous."""
+    done = set()  # local first rows written (a full and a causal rectangle may share rows)
+    for lr in _doc_rects(it):
+        R, L = lr.r1 - lr.r0, lr.k1 - lr.k0
+        o, s = _FWD(_doc_view(q, it, it.r0 + lr.r0, R), _doc_view(k, it, it.k0 + lr.k0, L),
+                    _doc_view(v, it, it.k0 + lr.k0, L), 0.0, lr.causal, scale=g.scale)  # (n, B*Hq, R, D)
+        ov, sv = _doc_view(out, it, it.r0 + lr.r0, R), _doc_view(lse, it, it.r0 + lr.r0, R)
+        if lr.r0 not in done:  # the first rectangle of these rows
+            done.add(lr.r0)
+            ov.copy_(o)
+            sv.copy_(s)
+            seen.as_strided((it.n, R), (it.step, 1), it.r0 + lr.r0).fill_(True)
+        else:
+            _fold(ov, sv, o, s)
+
+
+def _docs_backward(g, it: Docs, q, k, v, o, s, do, dq, dk, dv):
+    """Gradients of the documents of ``it``, added in place into dq / dk / dv. All tensors
+    contiguous."""
+    for lr in _doc_rects(it):
+        R, L, r, c = lr.r1 - lr.r0, lr.k1 - lr.k0, it.r0 + lr.r0, it.k0 + lr.k0
+        gq, gk, gv = _BWD(_doc_view(do, it, r, R), _doc_view(q, it, r, R), _doc_view(k, it, c, L),
+                          _doc_view(v, it, c, L), _doc_view(o, it, r, R), _doc_view(s, it, r, R), 0.0,
+                          lr.causal, scale=g.scale)
+        _doc_view(dq, it, r, R).add_(gq)
+        _doc_view(dk, it, c, L).add_(gk)
+        _doc_view(dv, it, c, L).add_(gv)
