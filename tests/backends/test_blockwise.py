@@ -427,19 +427,6 @@ def test_translation_invariant_bias_gradients_by_offset(kind, sched):
         check(*run_both(q, k, v, opts, grads=tensors, bias=spec, mask=mask))
 
 
-def test_flush_denormals_restores_the_callers_mode():
-    from attnkit.backends.blockwise import _denormals_flushed, flush_denormals
-
-    for mode in (False, True):
-        torch.set_flush_denormal(mode)
-        try:
-            with flush_denormals():
-                assert _denormals_flushed()
-            assert _denormals_flushed() == mode
-        finally:
-            torch.set_flush_denormal(False)
-
-
 @pytest.mark.parametrize("mask_elements", [1 << 20, 4000, 300])
 @pytest.mark.parametrize("nq,nk", [(37, 37), (20, 45), (45, 20)])
 def test_causal_like_band_with_bias_in_bands(nq, nk, mask_elements):

@@ -50,13 +50,13 @@ reference, so it equals the reference exactly and backward regenerates the same 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import _nonfinite as nonfinite
+from .._denormal import flush_denormals
 from .._call import AttentionCall, make_call
 from .._numerics import compute_dtype
 from ..masks import EMPTY, FULL, PARTIAL, TileMap
@@ -277,25 +277,6 @@ def shift_free_blocks(g: Geometry, qc: torch.Tensor, kp: torch.Tensor) -> list[b
 # ---------------------------------------------------------------------------------------------
 # Autograd Function
 # ---------------------------------------------------------------------------------------------
-
-
-def _denormals_flushed() -> bool:
-    return bool((torch.full((1,), 1e-38) * 1e-3).item() == 0)  # a float32 subnormal, or 0 when flushed
-
-
-@contextmanager
-def flush_denormals():
-    """Run with subnormal floats flushed to zero, then restore the caller's mode. Attention
-    weights below ~1e-38 (strongly decaying biases such as ALiBi's, far keys) otherwise take the
-    CPU's slow subnormal path in exp: 1.3x the forward and 2.5x the backward of causal + ALiBi."""
-    before = _denormals_flushed()
-    if not before:
-        torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if not before:
-            torch.set_flush_denormal(False)
 
 
 def forward_pass(plan: Plan, q, k, v):
