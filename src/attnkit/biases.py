@@ -28,6 +28,10 @@ class Bias:
     # True when the bias depends only on the head and the offset r = k - q; such specs implement
     # ``relative(h, r)``, which lets tiled kernels reduce gradients per offset, not per pair.
     translation_invariant: bool = False
+    # True when, moreover, ``relative(h, r)`` is linear in r (slope[h] * r, e.g. causal ALiBi): over any
+    # rectangle the bias is then a per-key term relative(h, k - q0) minus a per-query constant
+    # relative(h, q - q0), which the softmax ignores (kernels add a (1, H, 1, L) key row, no table).
+    linear_in_offset: bool = False
 
     def __call__(self, b, h, q, k) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")

@@ -28,7 +28,7 @@ Everything else runs the PyTorch tile math of ``blockwise_tiles``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,6 +67,7 @@ class Rect:
     masked: tuple = ()  # key ranges (a, b) where the mask spec must be evaluated (its PARTIAL tiles)
     all_partial: bool = False  # no FULL tile: a row may have no allowed key here
     strip: bool = False  # the mask is a view of the call's Strip (bias + band pattern)
+    linear: bool = False  # every allowed pair, biases linear in the offset: a key row (see _linear_mask)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,11 @@ def plan_items(g, st: torch.Tensor | None, *, mask_elements: int, window_rows: i
     """
     Nq, Nk, off = g.Nq, g.Nk, g.Nk - g.Nq
     m = g.mask
+    if g.bias_parts and all(p.linear_in_offset for p in g.bias_parts) and type(m) is Band and m.lo is None \
+            and m.hi is not None:
+        items = _causal_like_linear(g, m.hi, mask_elements)
+        if items is not None:
+            return items
     if g.bias_parts and all(p.translation_invariant for p in g.bias_parts) and (m is None or type(m) is Band):
         items = _strip_items(g, m, mask_elements)
         if items is not None:
@@ -234,16 +240,17 @@ def _bias_extent(g) -> int:
     return n
 
 
-def _causal_like_banded(g, c: int, mask_elements: int):
+def _causal_like_banded(g, c: int, mask_elements: int, rows: int | None = None):
     """Causal-like band (row i attends keys j <= i + c) with a bias: bands of rows, each a full
     rectangle and a top-left causal one (the kernel's causal flag together with the bias tensor),
-    as tall as the bias tensor's budget allows (None below 16 rows)."""
+    as tall as the bias tensor's budget allows (None below 16 rows), or ``rows`` tall."""
     Nq, Nk = g.Nq, g.Nk
-    ext, rows = _bias_extent(g), BACKWARD_ROWS
-    while rows > 16 and ext * rows * Nk > mask_elements:
-        rows //= 2
-    if ext * rows * Nk > mask_elements:
-        return None
+    if rows is None:
+        ext, rows = _bias_extent(g), BACKWARD_ROWS
+        while rows > 16 and ext * rows * Nk > mask_elements:
+            rows //= 2
+        if ext * rows * Nk > mask_elements:
+            return None
     items = []
     for r0 in range(0, Nq, rows):
         r1 = min(Nq, r0 + rows)
@@ -257,6 +264,23 @@ def _causal_like_banded(g, c: int, mask_elements: int):
         rr0 = max(r0, -c)
         items.append(Rect(rr0, r1, max(0, r0 + c), min(Nk, r1 + c), causal=True))
     return tuple(items)
+
+
+def _causal_like_linear(g, hi: int, mask_elements: int):
+    """Causal-like band (keys k - q <= hi) with biases linear in the offset (causal ALiBi): the
+    items of ``_causal_like_banded`` in BACKWARD_ROWS-row bands, fit for the backward as they are.
+    Full rectangles get a (1, Hq, 1, L) key row (``linear``); every causal square reads the same
+    top-left corner of one Strip (its offsets are those of the first band's square)."""
+    rows, u0 = BACKWARD_ROWS, max(0, -hi)
+    while rows > 16 and g.Hq * rows * (rows + hi + u0) > mask_elements:
+        rows //= 2
+    if g.Hq * rows * (rows + hi + u0) > mask_elements:
+        return None
+    items = _causal_like_banded(g, (g.Nk - g.Nq) + hi, mask_elements, rows=rows)
+    if not items:
+        return ()
+    return (Strip(rows, u0, rows + hi + u0),) + tuple(
+        replace(it, strip=True) if it.causal else replace(it, linear=True) for it in items)
 
 
 def _causal_like(Nq: int, Nk: int, c: int) -> tuple:
@@ -498,6 +522,21 @@ def _strip_mask(g, sp: Strip, S: torch.Tensor, it: Rect):
     return view, (None if bool(ok.all()) else ok.view(1, 1, -1))
 
 
+def _linear_mask(g, it: Rect, device):
+    """(key row (1, Hq, 1, L), row shift (1, Hq, R)) of a ``linear`` Rect: with q0 its first query
+    position, bias(h, q, k) = relative(h, k - q0) - relative(h, q - q0); the kernel adds the key
+    row, so its log-sum-exp is the true one plus the row shift. Both are small near q0, where
+    this rectangle's weights matter (it holds keys left of its rows), so nothing large cancels."""
+    q0 = it.r0 + g.Nk - g.Nq
+    h = torch.arange(g.Hq, device=device).view(-1, 1)
+    row = shift = None
+    for part in g.bias_parts:
+        x = part.relative(h, torch.arange(it.k0 - q0, it.k1 - q0, device=device).view(1, -1)).detach().to(g.dtype)
+        y = part.relative(h, torch.arange(it.r1 - it.r0, device=device).view(1, -1)).detach().to(g.dtype)
+        row, shift = (x, y) if row is None else (row + x, shift + y)
+    return row.view(1, g.Hq, 1, -1), shift.view(1, g.Hq, -1)
+
+
 def forward(g, items, q, k, v):
     """out (B, Hq, Nq, D) and lse (B, Hq, Nq) in g.dtype (+inf on rows with no allowed key)."""
     qc, kc, vc = (_dense_last(x.to(g.dtype)) for x in (q, k, v))
@@ -527,9 +566,14 @@ def forward(g, items, q, k, v):
             s = _unblock_rows(s.unsqueeze(-1), g, it.bw).squeeze(-1)  # (B, Hq, nb*bw)
             _merge(out, lse, seen, it.t0 * it.bw, it.t1 * it.bw, o, s)
             continue
-        add, ok = _strip_mask(g, sp, S, it) if it.strip else _rect_mask(g, it, q.device)
+        if it.linear:
+            (add, shift), ok = _linear_mask(g, it, q.device), None
+        else:
+            add, ok = _strip_mask(g, sp, S, it) if it.strip else _rect_mask(g, it, q.device)
         o, s = _FWD(qc[:, :, it.r0:it.r1], kc[:, :, it.k0:it.k1], vc[:, :, it.k0:it.k1], 0.0,
                     it.causal, attn_mask=add, scale=g.scale)
+        if it.linear:
+            s = s - shift  # (B, Hq, R): the log-sum-exp of the true scores
         if ok is not None:
             s = s.masked_fill(~ok, NEG_INF)
         _merge(out, lse, seen, it.r0, it.r1, o, s)
@@ -564,8 +608,9 @@ def backward_items(g, items, mask_elements: int) -> tuple:
     if not g.bias_parts or not (g.mask is None or type(g.mask) is Band):
         return items
     rects = [it for it in items if isinstance(it, Rect)]
-    if all(it.r1 - it.r0 >= min(BACKWARD_ROWS, g.Nq) or it.r1 == g.Nq for it in rects):
-        return items  # already tall
+    if any(it.linear for it in rects) or all(it.r1 - it.r0 >= min(BACKWARD_ROWS, g.Nq) or it.r1 == g.Nq
+                                             for it in rects):
+        return items  # already tall (linear plans: as tall as their Strip allows)
     out = []
     for r0 in range(0, g.Nq, BACKWARD_ROWS):
         r1 = min(g.Nq, r0 + BACKWARD_ROWS)
@@ -614,9 +659,14 @@ def backward(g, items, q, k, v, out, lse, dout, *, item_elements: int, mask_elem
                 kcc, vcc = kc.contiguous(), vc.contiguous()
             _windows_backward(g, it, qc, kcc, vcc, oc, lse, dc, dq, dk, dv, item_elements)
             continue
-        add = _strip_mask(g, sp, S, it)[0] if it.strip else _rect_mask(g, it, q.device)[0]
         r, c = slice(it.r0, it.r1), slice(it.k0, it.k1)
-        gq, gk, gv = _BWD(dc[:, :, r], qc[:, :, r], kc[:, :, c], vc[:, :, c], oc[:, :, r], lse[:, :, r], 0.0,
+        s = lse[:, :, r]
+        if it.linear:
+            add, shift = _linear_mask(g, it, q.device)
+            s = s + shift  # the log-sum-exp in the frame of the kernel's scores (key row added)
+        else:
+            add = _strip_mask(g, sp, S, it)[0] if it.strip else _rect_mask(g, it, q.device)[0]
+        gq, gk, gv = _BWD(dc[:, :, r], qc[:, :, r], kc[:, :, c], vc[:, :, c], oc[:, :, r], s, 0.0,
                           it.causal, attn_mask=add, scale=g.scale)
         dq[:, :, r] += gq
         dk[:, :, c] += gk

@@ -89,6 +89,10 @@ class ALiBi(Bias):
 
     translation_invariant = True
 
+    @property
+    def linear_in_offset(self) -> bool:
+        return not self.symmetric  # slope * (k - q); the symmetric form's |k - q| is not linear
+
     def _slopes(self, device) -> torch.Tensor:
         """The slopes on ``device`` in at least float32: positions above 256 are not exact in
         bfloat16 (above 2048 in float16), so half-precision slopes (a module cast with
