@@ -438,3 +438,42 @@ def test_causal_like_band_with_bias_in_bands(nq, nk, mask_elements):
     opts = BlockwiseOptions(block_q=8, block_k=8, mask_elements=mask_elements)
     for mask in (M.causal(), M.Band(None, 3, "band(None, 3)"), M.Band(None, -5, "band(None, -5)")):
         check(*run_both(q, k, v, opts, mask=mask, bias=bias))
+
+
+@pytest.mark.parametrize("mask_elements", [1 << 20, 4000, 1200])
+@pytest.mark.parametrize("nq,nk", [(37, 37), (20, 45), (45, 20), (1, 30)])
+def test_causal_alibi_key_row_plan(nq, nk, mask_elements):
+    """Causal-like bands with biases linear in the offset (causal ALiBi, and a sum of two):
+    full rectangles carry a (1, Hq, 1, L) key row with a per-query log-sum-exp shift, causal
+    squares one shared strip; forward and backward against the reference, with GQA, Nq != Nk,
+    rows with no key (band(None, -5) when Nq > Nk) and several bands (small mask budgets)."""
+    from attnkit.backends.blockwise_fused import Rect
+    from attnkit.positions import ALiBi
+
+    shape = Shape(2, 4, 2, nq, nk, 8, 8)
+    q, k, v = make_qkv(shape, seed=12)
+    slopes = torch.tensor([0.5, 0.25, 2.0, 1e-3], dtype=torch.float64)
+    opts = BlockwiseOptions(block_q=8, block_k=8, mask_elements=mask_elements)
+    for bias in (ALiBi(4, slopes=slopes), ALiBi(4) + ALiBi(4, slopes=slopes)):
+        for mask in (M.causal(), M.Band(None, 3, "band(None, 3)"), M.Band(None, -5, "band(None, -5)")):
+            plan = make_plan(make_call(q, k, v, mask=mask, bias=bias), opts)
+            rects = [it for it in plan.items if isinstance(it, Rect)]
+            if mask_elements == 4000 and nq > 16:
+                assert any(it.strip for it in rects)  # the key-row plan ran, in several 16-row bands
+                assert all(it.linear or it.strip for it in rects)
+            check(*run_both(q, k, v, opts, mask=mask, bias=bias))
+
+
+def test_causal_alibi_key_row_plan_float32_long():
+    """float32, 600 keys in 16-row bands, steep slopes (biases down to -600): the key rows and
+    log-sum-exp shifts lose nothing against the float64 reference (tolerance table)."""
+    from attnkit.positions import ALiBi
+
+    shape = Shape(1, 4, 4, 600, 600, 16, 16)
+    q, k, v = make_qkv(shape, seed=13, dtype=torch.float32)
+    bias = ALiBi(4, slopes=torch.tensor([1.0, 0.1, 0.01, 1e-4]))
+    opts = BlockwiseOptions(mask_elements=4 * 64 * 64)
+    got = run_both(q, k, v, opts, mask=M.causal(), bias=bias)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = run_both(q64, k64, v64, opts, mask=M.causal(), bias=bias)[0]
+    check(ref, got[1], torch.float32)

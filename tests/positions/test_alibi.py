@@ -209,3 +209,13 @@ def test_half_precision_slopes_keep_exact_distances(half):
     for backend in ("reference", "blockwise"):
         out = attnkit.attention(q.to(half), k.to(half), v.to(half), mask=masks.causal(), bias=spec, backend=backend)
         torch.testing.assert_close(out.double(), ref, **tol(half, backend))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_linear_in_offset_only_for_the_causal_form(symmetric):
+    """``linear_in_offset`` promises relative(h, r) = relative(h, 1) * r (the fused engine then adds
+    a per-key row and shifts the log-sum-exp per query); only the causal form keeps it."""
+    spec = ALiBi(8, symmetric=symmetric)
+    h, r = torch.arange(8).view(-1, 1), torch.arange(-40, 41).view(1, -1)
+    linear = torch.equal(spec.relative(h, r), spec.relative(h, torch.ones_like(r)) * r)
+    assert spec.linear_in_offset == (not symmetric) == linear
