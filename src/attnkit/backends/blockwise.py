@@ -18,7 +18,9 @@ the tolerance table, and both are tested against the reference):
   C++, merged per query row by log-sum-exp: plain causal-like bands are two rectangles, finite
   bands (sliding windows) one call over overlapping strided key windows, other masks one
   rectangle per span of non-empty tiles with the mask evaluated on its PARTIAL tiles only, and
-  translation-invariant biases (ALiBi, T5) a view of one strip tensor per pass. Its backward is
+  translation-invariant biases (ALiBi, T5) a view of one strip tensor per pass; under a
+  causal-like band, biases linear in the offset (causal ALiBi) add a per-key row to full
+  rectangles (the per-query part only shifts the log-sum-exp) and a shared strip to the diagonal. Its backward is
   the kernel's FlashAttention-2 backward with the merged output and log-sum-exp.
 - tile math (``blockwise_tiles``; everything else, and the backward when bias tensors need
   gradients). Forward softmax: when no bias spec is added and |scale * q.k| <= 30 is

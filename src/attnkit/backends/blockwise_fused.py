@@ -14,7 +14,9 @@ Work items:
 - ``Rect(r0, r1, k0, k1, causal, masked)``: query rows r0..r1-1 against keys k0..k1-1. ``causal``
   uses the kernel's top-left causal flag (a square on the mask's diagonal: no mask tensor);
   ``masked`` evaluates the mask spec on the rectangle as a float 0 / -inf tensor. Bias specs
-  are evaluated on the rectangle and added to that tensor.
+  are evaluated on the rectangle and added to that tensor. ``strip``: the tensor is a view of the
+  call's ``Strip`` (translation-invariant biases). ``linear``: every pair allowed and the biases
+  linear in the offset (causal ALiBi): a (1, Hq, 1, L) key row, the log-sum-exp shifted per query.
 - ``Windows(t0, t1, bw, lo, hi)``: a band mask (keys k - q in [lo, hi]) on regular query blocks
   t0..t1-1 of bw rows: block t reads the L = bw + hi - lo keys from t * bw + (Nk - Nq) + lo, an
   overlapping strided view of K and V (no copy), all blocks in one kernel call with one cached
