@@ -58,8 +58,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _nonfinite as nonfinite
-from .._denormal import flush_denormals
 from .._call import AttentionCall, make_call
+from .._denormal import flush_denormals
 from .._numerics import compute_dtype
 from ..masks import EMPTY, FULL, PARTIAL, TileMap
 from . import blockwise_fused as engine
