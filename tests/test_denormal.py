@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnkit._denormal import _openmp, denormals_flushed, flush_denormals
+from attnkit._denormal import _runtime, denormals_flushed, flush_denormals
 
 
 def test_flush_denormals_restores_the_callers_mode():
@@ -17,7 +17,7 @@ def test_flush_denormals_restores_the_callers_mode():
             torch.set_flush_denormal(False)
 
 
-@pytest.mark.skipif(_openmp() is None, reason="torch here runs on no OpenMP runtime found in this process")
+@pytest.mark.skipif(_runtime() is None, reason="torch here runs on no OpenMP runtime found in this process")
 def test_worker_threads_flush_inside_and_not_after():
     # An elementwise op over many elements is split over the intra-op threads; with
     # denormals-are-zero on a thread, its chunk of 1e-39 * 1.0 reads as 0.
