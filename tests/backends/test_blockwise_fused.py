@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from attnkit import masks as M
 from attnkit.backends.blockwise import BlockwiseOptions, make_plan
-from attnkit.backends.blockwise_fused import Docs, Windows
+from attnkit.backends.blockwise_plan import Docs, Windows
 from attnkit.functional import make_call
 from tests.backends.test_blockwise import check, run_both
 from tests.strategies import Shape, make_qkv

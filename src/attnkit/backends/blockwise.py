@@ -13,7 +13,7 @@ backward; time O(number of non-empty tiles * bq * bk * D).
 Two engines run the planned tiles (``BlockwiseOptions.fused`` picks; results are equal within
 the tolerance table, and both are tested against the reference):
 
-- fused (``blockwise_fused``; CPU, no softcap, no dropout, head dims equal): the tile map is
+- fused (``blockwise_plan`` plans, ``blockwise_fused`` runs; CPU, no softcap, no dropout, head dims equal): the tile map is
   turned into rectangles that torch's CPU flash-attention kernel (the one behind SDPA) runs in
   C++, merged per query row by log-sum-exp: plain causal-like bands are two rectangles, finite
   bands (sliding windows) one call over overlapping strided key windows, other masks one
@@ -64,6 +64,7 @@ from .._numerics import compute_dtype
 from ..masks import EMPTY, FULL, PARTIAL, TileMap
 from . import blockwise_fused as engine
 from .base import Backend
+from .blockwise_plan import plan_items
 from .blockwise_tiles import (
     SHIFT_FREE_BOUND,
     GatherKeys,
@@ -206,7 +207,7 @@ def make_plan(call: AttentionCall, opts: BlockwiseOptions, *, backward: bool = T
     if fused:
         needs_map = call.mask is not None or parts
         st = tile_status(call, bq, bk, pad_partial=False) if needs_map else None
-        items = engine.plan_items(geom, st, mask_elements=opts.mask_elements, window_rows=bq)
+        items = plan_items(geom, st, mask_elements=opts.mask_elements, window_rows=bq)
     schedule, groups = None, ()
     if not fused or (backward and not fused_backward):
         st = tile_status(call, bq, bk) if st is None else _pad_partial(st, Nk, bk)
