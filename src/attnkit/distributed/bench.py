@@ -96,11 +96,28 @@ def _global(cfg, seed):
     return torch.randn(cfg["batch"], cfg["heads"], cfg["n"], cfg["dim"], generator=g, dtype=torch.float32)
 
 
+def _timed(fn, repeats: int, times: list, peaks: list):
+    """Call fn() repeats + 1 times (the first is the warm-up), appending each call's seconds and its
+    peak RSS above the RSS before it (MiB); returns the last result (dropped before each call)."""
+    from .._memory import peak_rss_mib, reset_peak_rss, rss_mib
+
+    out = None
+    for _ in range(repeats + 1):
+        out = None
+        gc.collect()
+        before = rss_mib()
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        peaks.append(peak_rss_mib() - before)
+    return out
+
+
 def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> dict:
     """One rank: non-causal forward by ``impl`` ("attnkit" or "torch"), the first call and repeats."""
     import torch.nn.functional as F
 
-    from .._memory import peak_rss_mib, reset_peak_rss, rss_mib
     from .layout import local_positions
     from .ring import RingOptions, ring_attention
 
@@ -110,15 +127,8 @@ def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> di
     if impl == "attnkit":
         q, k, v = (t[:, :, pos].contiguous() for t in (q, k, v))
         gc.collect()
-        for _ in range(cfg["repeats"] + 1):
-            out = None
-            gc.collect()
-            before = rss_mib()
-            reset_peak_rss()
-            t0 = time.perf_counter()
-            out = ring_attention(q, k, v, layout="zigzag", options=RingOptions(timeout_s=cfg["timeout"]))
-            times.append(time.perf_counter() - t0)
-            peaks.append(peak_rss_mib() - before)
+        out = _timed(lambda: ring_attention(q, k, v, layout="zigzag", options=RingOptions(timeout_s=cfg["timeout"])),
+                     cfg["repeats"], times, peaks)
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
@@ -126,15 +136,7 @@ def cp_forward(rank: int, world: int, cfg: dict, impl: str, ref_path: str) -> di
         mesh = init_device_mesh("cpu", (world,))
         bufs = [q, k, v]  # global tensors, sharded in place (head-tail = our zigzag) by the context
         with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2], no_restore_buffers=set(bufs)):
-            for _ in range(cfg["repeats"] + 1):
-                out = None
-                gc.collect()
-                before = rss_mib()
-                reset_peak_rss()
-                t0 = time.perf_counter()
-                out = F.scaled_dot_product_attention(q, k, v)
-                times.append(time.perf_counter() - t0)
-                peaks.append(peak_rss_mib() - before)
+            out = _timed(lambda: F.scaled_dot_product_attention(q, k, v), cfg["repeats"], times, peaks)
     ref = torch.load(ref_path)  # (B, H, N, D)
     B, H, N, D = ref.shape
     if tuple(out.shape) == (B, H, N // world, D):  # this rank's sequence shard (zigzag = torch's head-tail)
