@@ -65,11 +65,11 @@ from ..masks import EMPTY, FULL, PARTIAL, TileMap
 from . import blockwise_fused as engine
 from .base import Backend
 from .blockwise_plan import plan_items
+from .blockwise_relative import BiasStrip, OffsetGrad
 from .blockwise_tiles import (
     SHIFT_FREE_BOUND,
     GatherKeys,
     Geometry,
-    OffsetGrad,
     RangeKeys,
     Workspace,
     backward_group,
@@ -301,12 +301,13 @@ def _forward_pass(plan: Plan, q, k, v):
     shift_free = shift_free_blocks(g, qc, kp)
     band_cache = {} if g.mask is not None and g.mask.translation_invariant else None
     ws = Workspace(g.dtype, q.device)
+    strip = BiasStrip.make(g, plan.options.mask_elements, q.device)
     for t0, t1, items in plan.groups:
         if items:
             rows = rows_of(qc, g, t0, t1)  # (B, Hk, C, G*bq, D)
             qt = torch.mul(rows, g.scale, out=ws.take("q", rows.shape))
             o, s = forward_group(g, qt, kp, vp, t0, t1, items, plan.Dv, kT,
-                                 shift_free=all(shift_free[t0:t1]), band_cache=band_cache, ws=ws)
+                                 shift_free=all(shift_free[t0:t1]), band_cache=band_cache, ws=ws, strip=strip)
             put_rows(out, o, g, t0, t1)
             lse[:, :, t0:t1] = s
         else:  # no key tile at all: zeros (lse stays +inf)
@@ -352,12 +353,13 @@ def _backward_pass(plan: Plan, q, k, v, out, lse, dout, bias_needs_grad):
         if bias_needs_grad and any(t.requires_grad for t in ts):
             bias_grads[i] = [torch.zeros_like(t, dtype=torch.promote_types(t.dtype, g.dtype)) for t in ts]
     with torch.no_grad():
+        strip = BiasStrip.make(g, plan.options.mask_elements, q.device)
         for t0, t1, items in plan.groups:
             if items:
                 dot = rows_of(doc, g, t0, t1)  # (B, Hk, C, G*bq, Dv)
                 delta = (dot * rows_of(out.to(g.dtype), g, t0, t1)).sum(dim=-1)  # (B, Hk, C, G*bq)
                 dqt = backward_group(g, rows_of(qc, g, t0, t1) * g.scale, kp, vp, dot, lse[:, :, t0:t1], delta,
-                                     t0, t1, items, dkp, dvp, bias_grads, kT)
+                                     t0, t1, items, dkp, dvp, bias_grads, kT, strip)
                 put_rows(dq, dqt.mul_(g.scale), g, t0, t1)
     flat = []
     for i, part in enumerate(g.bias_parts):

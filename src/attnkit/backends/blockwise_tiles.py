@@ -29,6 +29,7 @@ import torch
 from .._hash import dropout_keep
 from .._numerics import NEG_INF, OnlineSoftmax
 from ..biases import Bias, TensorBias
+from .blockwise_relative import OffsetGrad
 
 # Shift-free softmax: when |score| <= SHIFT_FREE_BOUND is guaranteed (Cauchy-Schwarz bound on
 # scale * |q| * |k|, or the softcap), p = exp(s) needs no running max: it neither overflows
@@ -188,11 +189,14 @@ def _tensor_bias_index(tb: TensorBias, b, h, q, k):
     return bi, hi, qi, ki
 
 
-def scores(g: Geometry, qt, ktT, pos, kvalid, masked: bool, *, bias_grad: bool = False):
+def scores(g: Geometry, qt, ktT, pos, kvalid, masked: bool, *, bias_grad: bool = False, strip=None, keys=None,
+           t0: int = 0):
     """s (B, Hk, C, G*bq, L) = softcap(scale q.k) + bias, -inf where blocked.
 
     Returns (s, tanh_or_None, bias_values) where bias_values are the per-part tile evaluations
-    built with autograd enabled when ``bias_grad`` (for the backward's bias gradients).
+    built with autograd enabled when ``bias_grad`` (for the backward's bias gradients; None for
+    the translation-invariant parts when ``strip``, the call's ``BiasStrip``, holds the item's
+    values: they are read from it, and their gradients come from dS alone).
     """
     s = torch.matmul(qt, ktT)  # (B, Hk, C, G*bq, L)
     th = None
@@ -201,8 +205,14 @@ def scores(g: Geometry, qt, ktT, pos, kvalid, masked: bool, *, bias_grad: bool =
         s = th * g.softcap
     B, Hk, C, R, L = s.shape
     sv = s.view(B, Hk, C, g.G, g.bq, L)  # (B, Hk, C, G, bq, L)
+    tile = strip.tile(keys, t0, L) if strip is not None else None  # (1, Hk, 1, G, bq, L) or None
+    if tile is not None:
+        sv.add_(tile)
     values = []
     for part in g.bias_parts:
+        if tile is not None and part.translation_invariant:
+            values.append(None)
+            continue
         wants = (bias_grad and any(t.requires_grad for t in part.tensors()) and part.dense_tensor is None
                  and not part.translation_invariant)
         with torch.set_grad_enabled(wants):
@@ -232,14 +242,14 @@ def keep_scale(g: Geometry, pos, shape) -> torch.Tensor:
 
 
 def forward_group(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT=None, *, shift_free=False, band_cache=None,
-                  ws: Workspace | None = None):
+                  ws: Workspace | None = None, strip=None):
     """Output (B, Hk, C, G*bq, Dv) and log-sum-exp (B, Hk, C, G*bq) for query blocks t0..t1-1.
 
     Rows with no allowed key get output 0 and lse = +inf (so backward's exp(s - lse) = 0).
     shift_free: the caller guarantees |score| <= SHIFT_FREE_BOUND (no bias parts), so
     p = exp(s) is used directly (see SHIFT_FREE_BOUND). band_cache: a dict when the mask is
     translation-invariant (``translation_invariant``), reused across groups of one call.
-    ws: scratch buffers reused across groups (shift-free path).
+    ws: scratch buffers reused across groups (shift-free path). strip: the call's ``BiasStrip`` or None.
     """
     if shift_free:
         l_, acc = _shift_free(g, qt, kp, vp, t0, t1, items, kT, band_cache, ws)
@@ -251,7 +261,7 @@ def forward_group(g: Geometry, qt, kp, vp, t0, t1, items, Dv, kT=None, *, shift_
     for keys in items:
         ktT, vt, kpos, kvalid = item_keys(g, kp, vp, keys, kT)
         pos = positions(g, t0, t1, kpos, qt.device)
-        s, _, _ = scores(g, qt, ktT, pos, kvalid, keys.masked)  # (B, Hk, C, G*bq, L)
+        s, _, _ = scores(g, qt, ktT, pos, kvalid, keys.masked, strip=strip, keys=keys, t0=t0)  # (B, Hk, C, G*bq, L)
         dropout = (lambda p, pos=pos: p.mul_(keep_scale(g, pos, p.shape))) if g.dropout_p > 0 else None
         acc.update(s, vt, dropout)
     return acc.result()
@@ -334,15 +344,18 @@ def _blocked(g: Geometry, t0, t1, keys, L, band_cache, device):
 # ---------------------------------------------------------------------------------------------
 
 
-def backward_group(g: Geometry, qt, kp, vp, dot, lse, delta, t0, t1, items, dkp, dvp, bias_grads, kT=None):
+def backward_group(g: Geometry, qt, kp, vp, dot, lse, delta, t0, t1, items, dkp, dvp, bias_grads, kT=None,
+                   strip=None):
     """dq (B, Hk, C, G*bq, D) of the group; adds into dkp, dvp (B, Hk, Tk*bk, D|Dv) and into
-    ``bias_grads`` (part index -> list of gradient tensors, aligned with part.tensors())."""
+    ``bias_grads`` (part index -> list of gradient tensors, aligned with part.tensors()).
+    strip: the call's ``BiasStrip`` or None."""
     dq = torch.zeros_like(qt)
     want_bias = any(bias_grads.get(i) is not None for i in range(len(g.bias_parts)))
     for keys in items:
         ktT, vt, kpos, kvalid = item_keys(g, kp, vp, keys, kT)
         pos = positions(g, t0, t1, kpos, qt.device)
-        s, th, values = scores(g, qt, ktT, pos, kvalid, keys.masked, bias_grad=want_bias)
+        s, th, values = scores(g, qt, ktT, pos, kvalid, keys.masked, bias_grad=want_bias, strip=strip, keys=keys,
+                               t0=t0)
         p = s.sub_(lse.unsqueeze(-1)).exp_()  # (B, Hk, C, G*bq, L)
         dp = torch.matmul(dot, vt.transpose(-1, -2))  # (B, Hk, C, G*bq, L)
         if g.dropout_p > 0:
@@ -403,48 +416,3 @@ def _bias_backward(g: Geometry, ds, pos, values, bias_grads, keys, t0):
                 if got[j] is not None:
                     grads[slot].add_(got[j])
                 j += 1
-
-
-class OffsetGrad:
-    """Gradient of a translation-invariant bias per (query head, offset r = k - q).
-
-    Each (bq, bk) tile of dS is sheared so that its diagonals become columns (a strided copy into
-    a (bq, bq + bk) buffer) and summed over rows: bq + bk - 1 sums per tile, added at the tile's
-    offset. ``finish(part)`` turns them into the spec's tensor gradients by one autograd call on
-    ``part.relative`` over all offsets (no per-pair scatter)."""
-
-    def __init__(self, g: Geometry, dtype, device):
-        self.g = g
-        self.shift = g.Tq * g.bq + g.Nk + 1  # index of offset 0
-        self.acc = torch.zeros(g.Hq, self.shift + g.Tk * g.bk + g.bk + 1, dtype=dtype, device=device)
-
-    def add(self, ds6: torch.Tensor, keys, t0: int) -> None:
-        g = self.g
-        B, Hk, C, G, bq, L = ds6.shape
-        bk = g.bk
-        M = L // bk
-        x = ds6.sum(dim=0).view(Hk, C, G, bq, M, bk).permute(0, 2, 1, 4, 3, 5)  # (Hk, G, C, M, bq, bk)
-        W = bq + bk
-        z = torch.zeros(Hk, G, C, M, bq, W, dtype=ds6.dtype, device=ds6.device)
-        # z[..., r, c + bq - 1 - r] = x[..., r, c]: row stride W - 1 shears diagonals into columns
-        torch.as_strided(z, x.shape, (*z.stride()[:4], W - 1, 1), bq - 1).copy_(x)
-        sums = z.sum(dim=-2).reshape(g.Hq, C, M, W)  # column u: offset (kbase - qbase) + u - (bq - 1)
-        dev = ds6.device
-        if isinstance(keys, RangeKeys):
-            kbase = (keys.k0 + torch.arange(M, device=dev) * bk).view(1, M)
-        else:
-            kbase = keys.idx * bk  # (C, M)
-        qbase = ((t0 + torch.arange(C, device=dev)) * g.bq + (g.Nk - g.Nq)).view(C, 1)
-        index = (kbase - qbase - (bq - 1) + self.shift).unsqueeze(-1) + torch.arange(W, device=dev)  # (C|1, M, W)
-        index = index.expand(C, M, W).reshape(-1)
-        self.acc.index_add_(1, index, sums.reshape(g.Hq, -1))
-
-    def finish(self, part) -> list:
-        """Gradients of part.tensors() (None where unused)."""
-        ts = part.tensors()
-        wanted = [t for t in ts if t.requires_grad]
-        r = torch.arange(self.acc.shape[1], device=self.acc.device) - self.shift
-        with torch.enable_grad():
-            val = part.relative(torch.arange(self.g.Hq, device=r.device).view(-1, 1), r.view(1, -1))
-            got = iter(torch.autograd.grad(val, wanted, self.acc.to(val.dtype), allow_unused=True))
-        return [next(got) if t.requires_grad else None for t in ts]
