@@ -9,11 +9,14 @@ backward with the float64 reference (``test_blockwise.check``).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnkit import biases as Bi
 from attnkit import masks as M
+from attnkit.backends import blockwise_fused as fused
 from attnkit.backends.blockwise import BlockwiseOptions, make_plan
 from attnkit.backends.blockwise_plan import Docs, Windows
 from attnkit.functional import make_call
@@ -164,3 +167,24 @@ def test_block_backward_into_strided_accumulators_for_whole_and_document_plans()
         assert all(a is b for a, b in zip(got[:3], into))
         for acc, b, w in zip(into, before, want):
             assert_close(acc, b + w, backend="blockwise", grad=True)
+
+
+@pytest.mark.parametrize("eval_elements", [1, 40, 1 << 20])
+def test_rect_masks_evaluated_a_few_rows_at_a_time(eval_elements, monkeypatch):
+    """Bias / mask tensors of rectangles are built in row chunks of ``EVAL_ELEMENTS`` values into
+    one buffer reused by every item (1: one row per call; 40: chunks that end mid-rectangle):
+    head- and batch-dependent bias functions, a dense tensor bias under a mask, masked key
+    ranges of tile-map plans, rows with no key; forward and backward vs the reference."""
+    monkeypatch.setattr(fused, "EVAL_ELEMENTS", eval_elements)
+    shape = Shape(2, 4, 2, 13, 19, 8, 8)
+    q, k, v = make_qkv(shape, seed=21)
+    head = Bi.from_function(lambda b, h, i, j: -0.1 * (i - j).double() + 0.3 * h.double() - 0.2 * b.double(), name="f")
+    dense = torch.randn(1, 4, 13, 19, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    doc = M.document(_ids([5, 6, 8])) & M.causal()
+    for mask_elements in (1 << 20, 60):
+        opts = BlockwiseOptions(block_q=4, block_k=4, mask_elements=mask_elements)
+        for mask, bias in ((M.causal(), head), (doc, head), (M.sliding_window(3, 1), head), (doc, dense),
+                           (M.Band(None, -8, "band(None, -8)"), head)):
+            plan = make_plan(make_call(q, k, v, mask=mask, bias=bias), opts)
+            assert plan.items is not None and plan.fused_backward
+            check(*run_both(q, k, v, opts, mask=mask, bias=bias))
