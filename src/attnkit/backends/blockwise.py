@@ -29,6 +29,8 @@ the tolerance table, and both are tested against the reference):
   masks are applied after exp by zeroing; otherwise the running max of FlashAttention-2.
   Per-item buffers (scores, gathered K/V) are reused across items (``Workspace``), and for band
   masks the keep pattern of every regular item is one cached (bq, L) 0/1 multiplier.
+  Translation-invariant biases are read from one strip per call (``blockwise_relative``: a view
+  per item whose keys run at one offset from its queries) instead of evaluated per pair.
 
 The mask spec's ``tiles()`` map decides the work: EMPTY tiles are skipped, FULL tiles need no
 mask, the mask is evaluated only where a tile is PARTIAL. Bias specs are evaluated per item
@@ -87,7 +89,9 @@ class BlockwiseOptions:
     PyTorch tile math. item_elements: score elements (B * Hq * rows * keys) of one work item of
     the PyTorch tile math (a few score-sized float tensors are live at once), and the budget of
     the fused backward's overlapping window gradients. mask_elements: elements of one mask /
-    bias tensor that the fused engine materialises for a rectangle. gather_max_keys: the tile
+    bias tensor that the fused engine materialises for a rectangle; the tile math's strip of
+    translation-invariant biases (Hq * block_q * (Nq + Nk) values, ``blockwise_relative``) may
+    take ``STRIP_BUDGET`` (4) times this, else their tiles evaluate the bias. gather_max_keys: the tile
     math's gather schedule is used when each query block needs at most this many keys and
     padding rows to the longest wastes at most ``gather_max_waste`` of the work.
     """
