@@ -14,21 +14,19 @@ gather. (A strided view of the 1-D offsets alone would need a negative row strid
 has no room for, hence the bq rows.) ``OffsetGrad`` is the way back: dL/d(bias at offset r) is
 the sum of dS along the tile's diagonals, one sum per offset, turned into the spec's tensor
 gradients by one autograd call on ``relative``.
+
+``g`` is the call's ``blockwise_tiles.Geometry`` and ``keys`` a ``RangeKeys`` / ``GatherKeys``
+item (this module imports neither: ``blockwise_tiles`` imports it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from .blockwise_tiles import Geometry
 
 STRIP_BUDGET = 4  # a BiasStrip may hold this many times ``mask_elements`` values, else tiles evaluate the bias
 
 
-def tile_offset(g: Geometry, keys, t0: int) -> int | None:
+def tile_offset(g, keys, t0: int) -> int | None:
     """k0 - q0 (key coordinates) when every query block of the item reads one contiguous run of
     keys at the same offset from its first query, else None."""
     if hasattr(keys, "idx"):  # GatherKeys: set when its blocks are regular (see GatherKeys.offset)
@@ -39,7 +37,7 @@ def tile_offset(g: Geometry, keys, t0: int) -> int | None:
 class BiasStrip:
     """The call's translation-invariant bias parts, summed, as S (Hq, bq, width) in g.dtype."""
 
-    def __init__(self, g: Geometry, parts, device):
+    def __init__(self, g, parts, device):
         bq, Hq = g.bq, g.Hq
         self.base = -((g.Tq - 1) * bq + (g.Nk - g.Nq))  # the smallest k0 - q0 of any tile
         width = g.Tk * g.bk + (g.Tq - 1) * bq  # offsets of keys 0 .. Tk*bk - 1 from every block
@@ -55,7 +53,7 @@ class BiasStrip:
         self.g = g
 
     @staticmethod
-    def make(g: Geometry, mask_elements: int, device) -> BiasStrip | None:
+    def make(g, mask_elements: int, device) -> BiasStrip | None:
         """The strip of g's translation-invariant parts, or None (no such part, or over budget)."""
         parts = [p for p in g.bias_parts if p.translation_invariant]
         if not parts or g.Hq * g.bq * (g.Tk * g.bk + (g.Tq - 1) * g.bq) > STRIP_BUDGET * mask_elements:
@@ -83,7 +81,7 @@ class OffsetGrad:
     tensor gradients by one autograd call on ``part.relative`` over all offsets (no per-pair
     scatter)."""
 
-    def __init__(self, g: Geometry, dtype, device):
+    def __init__(self, g, dtype, device):
         self.g = g
         # offsets k - q of (padded) rows and keys: -(Tq*bq - 1 + off) .. Tk*bk - 1 - off, off = Nk - Nq
         self.shift = g.Tq * g.bq + (g.Nk - g.Nq)  # index of offset 0
