@@ -14,7 +14,8 @@ from attnkit.tasks.selective_copy import NOISE, SEP
 from attnkit.train.words import task_from_word
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8), dict(seq_len=128, num_kv_pairs=16)])
+@pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8), dict(seq_len=128, num_kv_pairs=16),
+                                  dict(random_non_queries=True), dict(vocab=64, seq_len=32, num_kv_pairs=8, random_non_queries=True)])
 def test_mqar_queries_have_their_answer_in_context(opts):
     t = MQAR(**opts)
     b = t.train_batch(3, 32, seed=5)
@@ -29,6 +30,44 @@ def test_mqar_queries_have_their_answer_in_context(opts):
         for i, key, value in queries:
             assert i >= 2 * P and (i - 2 * P) % 2 == 0
             assert value == values[keys.index(key)]  # the answer is the value that followed the key
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8)])
+def test_mqar_filler_is_token_0_by_default(opts):
+    """Zoology's published configs: every position that is not a key, value or query holds 0, so
+    a key occurs only in the context and at its query."""
+    t = MQAR(**opts)
+    assert t.random_non_queries is False
+    b = t.train_batch(3, 32, seed=5)
+    P = t.num_kv_pairs
+    for x, y in zip(b.x.tolist(), b.y.tolist()):
+        query_pos = {i for i, v in enumerate(y) if v != IGNORE}
+        assert all(x[i] == 0 for i in range(2 * P, len(x)) if i not in query_pos)
+        assert all(x[i] != 0 for i in query_pos)
+        for key in x[0:2 * P:2]:
+            later = [i for i in range(2 * P, len(x)) if x[i] == key]
+            assert len(later) == 1 and later[0] in query_pos  # the key recurs only as its query
+
+
+def test_mqar_random_non_queries_fills_with_random_tokens():
+    """random_non_queries=True (Zoology's class default): the same keys, values and queries as
+    before the option existed, the filler drawn from the whole vocabulary, so keys recur in it."""
+    t, z = MQAR(random_non_queries=True), MQAR()
+    b, bz = t.train_batch(3, 256, seed=5), z.train_batch(3, 256, seed=5)
+    P, V = t.num_kv_pairs, t.vocab
+    query = b.y != IGNORE
+    assert torch.equal(b.y, bz.y) and torch.equal(b.x[:, :2 * P], bz.x[:, :2 * P])  # the randomness before the filler is shared
+    filler = b.x[:, 2 * P:][~query[:, 2 * P:]]
+    assert filler.unique().numel() == V  # every token occurs somewhere in 256 sequences
+    recurs = sum(any(x[i] == k for i in range(2 * P, len(x)) if y[i] == IGNORE)
+                 for x, y in zip(b.x.tolist(), b.y.tolist()) for k in x[0:2 * P:2])
+    assert recurs > 0
+
+
+def test_mqar_word_sets_random_non_queries():
+    assert task_from_word("mqar:random_non_queries=True").random_non_queries is True
+    assert task_from_word("mqar:random_non_queries=False").random_non_queries is False
+    assert task_from_word("mqar").random_non_queries is False
 
 
 def test_batches_are_pure_functions_of_seed_and_step():
@@ -99,6 +138,9 @@ def test_selective_copy_targets_are_the_data_tokens_in_order():
     ("nope", "unknown task 'nope'"),
     ("mqar:seq_len=8,num_kv_pairs=4", "seq_len=8 must be >= 4"),
     ("mqar:pairs=3", "has no option 'pairs'"),
+    ("mqar:random_non_queries=1", "random_non_queries must be True or False, got 1"),
+    ("mqar:random_non_queries='yes'", "random_non_queries must be True or False, got 'yes'"),
+    ("mqar:random_non_queries=yes", "'yes' is not a literal"),
     ("listops:min_len=9,max_len=3", "min_len=9 must be <= max_len=3"),
 ])
 def test_bad_task_words(text, match):

@@ -5,9 +5,14 @@ Legend: B batch, L seq_len, P num_kv_pairs, V vocab.
 A sequence starts with P key-value pairs k1 v1 ... kP vP (keys distinct, from [1, V/2); values
 distinct, from [V/2, V)); the remaining L - 2P positions hold the P keys again as queries, each
 at an even offset 2 g from the end of the context, the gaps g drawn without replacement with
-p(g) ~ a g^(a-1), a = 0.01 (short gaps likelier); every other position holds a random token.
-The target at a query's position is its value (IGNORE elsewhere): a causal model must recall it
-from the context. Accuracy: the fraction of queries whose argmax is the value.
+p(g) ~ a g^(a-1), a = 0.01 (short gaps likelier). Every other position (the filler after the
+context) holds token 0, which no key or value uses, as in Zoology's published MQAR configs
+(``random_non_queries=False``, the paper's Fig. 2 sweeps); ``random_non_queries=True`` (Zoology's
+class default) fills it with random tokens from the whole vocabulary instead, a harder task: a
+query's key can recur in the filler followed by some other token, and only a model that knows
+where the context ends can tell the copies apart (docs/quality.md, mqar). The target at a
+query's position is its value (IGNORE elsewhere): a causal model must recall it from the
+context. Accuracy: the fraction of queries whose argmax is the value.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ def _distinct(b: int, low: int, high: int, n: int, g: torch.Generator) -> torch.
 
 
 def mqar_batch(b: int, *, vocab: int, seq_len: int, num_kv_pairs: int, g: torch.Generator,
-               power_a: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (b, L) tokens and y (b, L) targets (the value at each query position, IGNORE elsewhere)."""
+               power_a: float = 0.01, random_non_queries: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (b, L) tokens and y (b, L) targets (the value at each query position, IGNORE elsewhere);
+    the filler is token 0, or random tokens from [0, V) with ``random_non_queries``."""
     P, L, V = num_kv_pairs, seq_len, vocab
     ctx = 2 * P
     keys = _distinct(b, 1, V // 2, P, g)                                    # (b, P)
@@ -34,7 +40,10 @@ def mqar_batch(b: int, *, vocab: int, seq_len: int, num_kv_pairs: int, g: torch.
     space = (L - ctx) // 2
     w = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
     gaps = torch.multinomial(w.expand(b, space), P, replacement=False, generator=g)  # (b, P)
-    x = torch.randint(0, V, (b, L), generator=g)                            # random non-query tokens
+    if random_non_queries:
+        x = torch.randint(0, V, (b, L), generator=g)                        # (b, L) random filler
+    else:
+        x = torch.zeros(b, L, dtype=torch.long)                             # (b, L) filler 0: no key, no value
     x[:, 0:ctx:2], x[:, 1:ctx:2] = keys, values
     qpos = ctx + 2 * gaps                                                   # (b, P) query positions
     x.scatter_(1, qpos, keys)
@@ -46,12 +55,14 @@ def mqar_batch(b: int, *, vocab: int, seq_len: int, num_kv_pairs: int, g: torch.
 @dataclass(frozen=True)
 class MQAR(GeneratedTask):
     """vocab V (keys from the lower half, values from the upper), seq_len L, num_kv_pairs P
-    (4 P <= L), num_eval: size of the fixed test set."""
+    (4 P <= L), num_eval: size of the fixed test set; random_non_queries: random filler tokens
+    (Zoology's class default, the harder task) instead of token 0 (its published configs)."""
 
     vocab: int = 256
     seq_len: int = 64
     num_kv_pairs: int = 8
     num_eval: int = 1000
+    random_non_queries: bool = False
 
     name = "mqar"
     kind = "lm"
@@ -70,6 +81,8 @@ class MQAR(GeneratedTask):
         if self.num_kv_pairs >= self.vocab // 2:
             raise ValueError(f"mqar: num_kv_pairs={self.num_kv_pairs} needs vocab > {2 * self.num_kv_pairs + 1} "
                              "(distinct keys from [1, V/2))")
+        if not isinstance(self.random_non_queries, bool):
+            raise ValueError(f"mqar: random_non_queries must be True or False, got {self.random_non_queries!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -80,7 +93,8 @@ class MQAR(GeneratedTask):
         return self.seq_len
 
     def _batch(self, b: int, g: torch.Generator) -> Batch:
-        x, y = mqar_batch(b, vocab=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, g=g)
+        x, y = mqar_batch(b, vocab=self.vocab, seq_len=self.seq_len, num_kv_pairs=self.num_kv_pairs, g=g,
+                          random_non_queries=self.random_non_queries)
         return Batch(x, y)
 
 
