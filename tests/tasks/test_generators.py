@@ -15,7 +15,7 @@ from attnkit.train.words import task_from_word
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8), dict(seq_len=128, num_kv_pairs=16),
-                                  dict(random_non_queries=True), dict(vocab=64, seq_len=32, num_kv_pairs=8, random_non_queries=True)])
+                                  dict(random_non_queries=False), dict(vocab=64, seq_len=32, num_kv_pairs=8, random_non_queries=False)])
 def test_mqar_queries_have_their_answer_in_context(opts):
     t = MQAR(**opts)
     b = t.train_batch(3, 32, seed=5)
@@ -33,11 +33,10 @@ def test_mqar_queries_have_their_answer_in_context(opts):
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(vocab=64, seq_len=32, num_kv_pairs=8)])
-def test_mqar_filler_is_token_0_by_default(opts):
+def test_mqar_filler_is_token_0_without_random_non_queries(opts):
     """Zoology's published configs: every position that is not a key, value or query holds 0, so
     a key occurs only in the context and at its query."""
-    t = MQAR(**opts)
-    assert t.random_non_queries is False
+    t = MQAR(random_non_queries=False, **opts)
     b = t.train_batch(3, 32, seed=5)
     P = t.num_kv_pairs
     for x, y in zip(b.x.tolist(), b.y.tolist()):
@@ -50,9 +49,10 @@ def test_mqar_filler_is_token_0_by_default(opts):
 
 
 def test_mqar_random_non_queries_fills_with_random_tokens():
-    """random_non_queries=True (Zoology's class default): the same keys, values and queries as
-    before the option existed, the filler drawn from the whole vocabulary, so keys recur in it."""
-    t, z = MQAR(random_non_queries=True), MQAR()
+    """random_non_queries=True (the default, Zoology's class default): the same keys, values and
+    queries as with filler 0, the filler drawn from the whole vocabulary, so keys recur in it."""
+    t, z = MQAR(), MQAR(random_non_queries=False)
+    assert t.random_non_queries is True
     b, bz = t.train_batch(3, 256, seed=5), z.train_batch(3, 256, seed=5)
     P, V = t.num_kv_pairs, t.vocab
     query = b.y != IGNORE
@@ -67,7 +67,7 @@ def test_mqar_random_non_queries_fills_with_random_tokens():
 def test_mqar_word_sets_random_non_queries():
     assert task_from_word("mqar:random_non_queries=True").random_non_queries is True
     assert task_from_word("mqar:random_non_queries=False").random_non_queries is False
-    assert task_from_word("mqar").random_non_queries is False
+    assert task_from_word("mqar").random_non_queries is True
 
 
 def test_batches_are_pure_functions_of_seed_and_step():
