@@ -2,14 +2,17 @@
 
 Run on a machine with a CUDA GPU (the test suite runs on CPU only):
 
-    PYTHONPATH=src python tools/gpu_check.py [--out DIR] [--parts exact,longrange,transformers,timings]
+    PYTHONPATH=src python tools/gpu_check.py [--out DIR] [--parts exact,short,longrange,transformers,timings]
 
 Part 1 (exactness): for each mask/bias case and each backend that accepts the call on CUDA, the
 forward output and dq, dk, dv (and learnable-bias gradients) in float32 and bfloat16 are compared
 with ``backend="reference"`` in float64 on the same device, within ``attnkit.tolerances``.
-Part 2: linear, Performer, Linformer, Nystrom, LSH and additive attention on CUDA float32 against
+Part 2 (short): flex with Nq in {1, 17, 100, 127} (inductor's decoding kernel) and GQA groups
+1, 2, 4, float32 against float64.
+Part 3: linear, Performer, Linformer, Nystrom, LSH and additive attention on CUDA float32 against
 the same function in float64 (forward and backward).
-Part 3: timings (CUDA events, median of 5) for causal / sliding window / document / ALiBi at
+Part 4: the transformers Mistral check.
+Part 5: timings (CUDA events, median of 5) for causal / sliding window / document / ALiBi at
 N=16384 in bfloat16, attnkit's backends against sdpa (dense bool mask) and flex (idiomatic
 mask_mod), fwd and fwd+bwd, as ratios to sdpa in the same run.
 Writes gpu_check.md and gpu_check.json to --out and exits 1 if any exactness check fails.
@@ -63,10 +66,19 @@ def exact_cases(B=2, Hq=4, Hk=2, Nq=300, Nk=300, D=64):
     ], (B, Hq, Hk, Nq, Nk, D)
 
 
-def run_exact(report: list, failures: list) -> None:
+def run_exact(report: list, failures: list, only: set | None = None) -> None:
+    # Every flex case compiles (the test suite lifts the limit the same way): past dynamo's
+    # recompile limit flex would refuse, and the case would read n/a instead of being checked.
+    with torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000):
+        _run_exact(report, failures, only)
+
+
+def _run_exact(report: list, failures: list, only: set | None) -> None:
     cases, (B, Hq, Hk, Nq, Nk, D) = exact_cases()
     for case in cases:
         name, build = case[0], case[1]
+        if only and name.split()[0] not in only:
+            continue
         nq, nk = case[2] if len(case) > 2 else (Nq, Nk)
         q64 = _rand(B, Hq, nq, D, dtype=torch.float64, seed=1)
         k64 = _rand(B, Hk, nk, D, dtype=torch.float64, seed=2)
@@ -101,6 +113,44 @@ def run_exact(report: list, failures: list) -> None:
                 if not ok:
                     failures.append(f"{name} {dtype} {backend}: error {max(errs):.3g} x tolerance")
                 print(row, flush=True)
+
+
+def run_short(report: list, failures: list) -> None:
+    """Short queries on flex (inductor's decoding kernel below 128 rows) with GQA groups of 1, 2
+    and 4, float32 forward and backward against float64 reference: Nq=100 with G=2 raised
+    NoValidChoicesError before ``flex._kernel_options``."""
+    with torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000):
+        _run_short(report, failures)
+
+
+def _run_short(report: list, failures: list) -> None:
+    B, Hk, Nk, D = 1, 2, 300, 64
+    for nq in (1, 17, 100, 127):
+        for g in (1, 2, 4):
+            for name, mask in (("causal", masks.causal()), ("none", None)):
+                q64 = _rand(B, Hk * g, nq, D, dtype=torch.float64, seed=1)
+                k64, v64 = (_rand(B, Hk, Nk, D, dtype=torch.float64, seed=s) for s in (2, 3))
+                go = _rand(B, Hk * g, nq, D, dtype=torch.float64, seed=4)
+                ins64 = [t.clone().requires_grad_(True) for t in (q64, k64, v64)]
+                out64 = attnkit.attention(*ins64, mask=mask, backend="reference")
+                want = [out64, *torch.autograd.grad(out64, ins64, go)]
+                case = f"flex short Nq={nq} G={g} {name}"
+                try:
+                    ins = [t.float().requires_grad_(True) for t in (q64, k64, v64)]
+                    out = attnkit.attention(*ins, mask=mask, backend="flex")
+                    got = [out, *torch.autograd.grad(out, ins, go.float())]
+                except Exception as e:  # noqa: BLE001 - a failure to run is a finding
+                    report.append({"case": case, "dtype": "torch.float32", "backend": "flex",
+                                   "status": f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+                    failures.append(case + ": " + report[-1]["status"])
+                    print(report[-1], flush=True)
+                    continue
+                err = max(_excess(a, b, torch.float32, "flex", grad=i > 0) for i, (a, b) in enumerate(zip(got, want)))
+                report.append({"case": case, "dtype": "torch.float32", "backend": "flex",
+                               "worst_err_over_tol": round(err, 4), "status": "ok" if err <= 1 else "FAIL"})
+                print(report[-1], flush=True)
+                if err > 1:
+                    failures.append(f"{case}: error {err:.3g} x tolerance")
 
 
 def _bias_tensors(kw) -> list[torch.Tensor]:
@@ -224,7 +274,14 @@ def _time(fn, reps=5) -> float:
     return statistics.median(ts)
 
 
-def run_timings(rows: list, N: int) -> None:
+def run_timings(rows: list, N: int, only: set | None = None, impls: set | None = None) -> None:
+    # The peer column compiles flex_attention once per case, mode and mask: past dynamo's default
+    # recompile limit (8) it would run unfused. Lifted here, as flex's users do for many masks.
+    with torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000):
+        _run_timings(rows, N, only, impls)
+
+
+def _run_timings(rows: list, N: int, only: set | None, impls: set | None) -> None:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
     B, H, D, dt = 1, 16, 64, torch.bfloat16
@@ -242,6 +299,8 @@ def run_timings(rows: list, N: int) -> None:
                               lambda s, b, h, i, j: 30.0 * torch.tanh(s / 30.0)),
     }
     for name, (mask, bias, mask_mod, score_mod) in cases.items():
+        if only and name.split()[0] not in only:
+            continue
         softcap = 30.0 if name.startswith("softcap") else None
         bm = None if mask_mod is None else create_block_mask(mask_mod, B=None, H=None, Q_LEN=N, KV_LEN=N, device=DEV)
         if softcap is not None:  # sdpa has no softcap: materialise capped scores as the eager form would
@@ -259,6 +318,7 @@ def run_timings(rows: list, N: int) -> None:
             "blockwise": lambda mask=mask, bias=bias, softcap=softcap: attnkit.attention(
                 q, k, v, mask=mask, bias=bias, softcap=softcap, backend="blockwise"),
         }
+        calls = {impl: c for impl, c in calls.items() if impl == "sdpa" or not impls or impl in impls}
         for bwd in (False, True):
             res = {}
             for impl, call in calls.items():
@@ -303,8 +363,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".")
     p.add_argument("--size", type=int, default=16384, help="N for the timing part")
-    p.add_argument("--parts", default="exact,longrange,transformers,timings",
-                   help="comma-separated parts to run (default: all four)")
+    p.add_argument("--parts", default="exact,short,longrange,transformers,timings",
+                   help="comma-separated parts to run (default: all five)")
+    p.add_argument("--cases", default="", help="cases to run, by first word (default: all); timings: "
+                   "dense,causal,swa256,docmask,alibi,softcap; exact: dense,causal,swa,document,padding,fully,"
+                   "bigbird,alibi,t5,softcap")
+    p.add_argument("--impls", default="", help="timing columns to run besides sdpa (default: all): "
+                   "flex,auto,blockwise")
     p.add_argument("--device", default="cuda", help="cpu: a dry run of this script (use a small --size)")
     a = p.parse_args(argv)
     global DEV
@@ -315,15 +380,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     report, failures, timings = [], [], []
     parts = set(a.parts.split(","))
-    for part, fn in (("exact", run_exact), ("longrange", run_longrange), ("transformers", run_transformers)):
+    only = set(filter(None, a.cases.split(",")))
+    if "exact" in parts:
+        run_exact(report, failures, only)
+    for part, fn in (("short", run_short), ("longrange", run_longrange), ("transformers", run_transformers)):
         if part in parts:
             fn(report, failures)
     if "timings" in parts:
-        run_timings(timings, a.size)
+        run_timings(timings, a.size, only, set(filter(None, a.impls.split(","))))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__, "seconds": round(time.time() - t0, 1)}
-    tag = "" if len(parts) == 4 else "_" + "_".join(sorted(parts))
+    tag = "" if len(parts) == 5 else "_" + "_".join(sorted(parts))
     (out / f"gpu_check{tag}.json").write_text(json.dumps({"info": info, "exact": report, "timings": timings,
                                                     "failures": failures}, indent=1))
     lines = [f"# GPU check on {info['device']}, torch {info['torch']}", "",

@@ -28,7 +28,7 @@ Reasons behind the rows:
 - flex is not in the CPU order: it has no CPU backward, compiles for ~10 s per new shape, and the
   benchmark shows blockwise at least as fast for the structured masks (docs/performance.md).
   On CUDA its compiled Triton kernels do the same tile skipping at fused-kernel speed (flex
-  refuses, by its reasons, dropout and gradients to bias-spec tensors, so blockwise takes those).
+  refuses, by its reasons, dropout and learnable bias-spec tensors, so blockwise takes those).
   Measured on an H200 (``tools/gpu_check.py``, docs/performance.md "CUDA"): flex beats sdpa's
   materialised mask 10-20x on a sliding window; blockwise runs its PyTorch tile math there (no
   fused CUDA kernel) at 8-300x sdpa's time, so on CUDA sdpa (with a materialised mask, up to its

@@ -190,3 +190,35 @@ def test_compile_key_tells_grad_mode_apart():
     with torch.no_grad():
         inference = _compile_key(call)
     assert _compile_key(call) != inference
+
+
+def test_only_learnable_bias_tensors_keep_flex_from_training():
+    """Fixed ALiBi slopes are constants in score_mod: a training call (q, k, v need grads) may run
+    on flex (CUDA), as the GPU check's ALiBi fwd+bwd row needs. A learnable T5 table is refused:
+    attnkit does not route its gradient through score_mod."""
+    from attnkit.positions import ALiBi, T5Bias
+
+    flex = BACKENDS["flex"]
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    fixed = ALiBi(2)
+    table = torch.zeros(32, 2, requires_grad=True)
+    learnable = T5Bias(table, bidirectional=False)
+    bias_reason = "bias-spec tensors"
+    assert not any(bias_reason in r for r in flex.static_reasons(make_call(q, k, v, bias=fixed)))
+    assert any(bias_reason in r for r in flex.static_reasons(make_call(q, k, v, bias=learnable)))
+    with torch.no_grad():  # evaluation: nothing to route
+        assert not any(bias_reason in r for r in flex.static_reasons(make_call(q, k, v, bias=learnable)))
+
+
+@pytest.mark.parametrize("nq, heads, want", [(100, (4, 2), True), (100, (2, 2), False), (64, (4, 2), False),
+                                             (100, (8, 2), True), (128, (8, 2), False), (1, (8, 1), False)])
+def test_short_gqa_cuda_calls_take_the_main_flex_kernel(nq, heads, want):
+    """torch <= 2.11 raises NoValidChoicesError for CUDA calls with Nq < 128 whose G query heads
+    pack into more than 128 decoding rows (seen on an H200 at Nq=100, G=2, tools/gpu_check.py);
+    exactly those take FORCE_USE_FLEX_ATTENTION. CPU calls never get kernel options."""
+    from attnkit.backends.flex import _kernel_options
+
+    hq, hk = heads
+    got = _kernel_options(torch.device("cuda"), hq, hk, nq)
+    assert (got == {"FORCE_USE_FLEX_ATTENTION": True}) if want else got is None
+    assert _kernel_options(torch.device("cpu"), hq, hk, nq) is None

@@ -48,7 +48,7 @@ def _probe_reason(what: str, fn, B: int, Hq: int, Nq: int, Nk: int, device) -> s
     return None
 
 
-def _flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa):
+def _flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options):
     """attnkit's own frame around flex_attention. torch.compile keeps its specialisations (and
     counts them against the recompile limit) per compiled function; compiling this wrapper, not
     ``flex_attention`` itself, keeps a user's own compiled flex calls from using up attnkit's
@@ -56,7 +56,19 @@ def _flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa):
     N=16384, H=16 on the GPU check)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                          kernel_options=kernel_options)
+
+
+def _kernel_options(device, Hq: int, Hk: int, Nq: int) -> dict | None:
+    """Inductor lowers CUDA calls with Nq < 128 to its flex-decoding kernel, which packs the G = Hq/Hk
+    query heads of a group into one tile of next_pow2(Nq * G) rows. Above the block mask's 128
+    query rows, torch <= 2.11 filters out every tile choice and raises NoValidChoicesError (found
+    by tools/gpu_check.py at Nq=100, G=2; fixed upstream in pytorch#185349). Those calls take
+    the main flex kernel instead, as torch's docs allow with FORCE_USE_FLEX_ATTENTION."""
+    if device.type == "cuda" and Nq < BLOCK and Nq * (Hq // Hk) > BLOCK:
+        return {"FORCE_USE_FLEX_ATTENTION": True}
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -238,8 +250,9 @@ class FlexBackend(Backend):
             reasons.append(f"torch.compile has specialised flex_attention {len(_COMPILED_KEYS)} times (its recompile "
                            "limit); another shape or spec would run the unfused eager fallback, which materialises "
                            "the scores")
-        if call.bias is not None and call.needs_grad and call.q.device.type != "cpu":
-            reasons.append("gradients of bias-spec tensors through flex's score_mod are not routed by attnkit")
+        if call.bias is not None and torch.is_grad_enabled() and any(t.requires_grad for t in call.bias.tensors()):
+            reasons.append("gradients of bias-spec tensors (a learnable T5 table or ALiBi slopes) through flex's "
+                           "score_mod are not routed by attnkit; blockwise computes them")
         return reasons
 
     def data_reasons(self, call: AttentionCall) -> list[str]:
@@ -266,5 +279,6 @@ class FlexBackend(Backend):
         if call.mask is not None:
             block_mask = block_mask_for(call.mask, B, Hq, Nq, Nk, call.q.device)
         _COMPILED_KEYS.add(_compile_key(call))
-        out = _compiled_flex()(call.q, call.k, call.v, _score_mod_for(call), block_mask, call.scale, Hq != Hk)
+        out = _compiled_flex()(call.q, call.k, call.v, _score_mod_for(call), block_mask, call.scale, Hq != Hk,
+                               _kernel_options(call.q.device, Hq, Hk, Nq))
         return out
