@@ -222,3 +222,26 @@ def test_short_gqa_cuda_calls_take_the_main_flex_kernel(nq, heads, want):
     got = _kernel_options(torch.device("cuda"), hq, hk, nq)
     assert (got == {"FORCE_USE_FLEX_ATTENTION": True}) if want else got is None
     assert _kernel_options(torch.device("cpu"), hq, hk, nq) is None
+
+
+def test_spec_probe_runs_once_per_spec_and_shape(monkeypatch):
+    """The vmap probe (about 1 ms of Python) is cached per spec and shape; a new spec or shape
+    is probed again, and an untraceable spec keeps its reason on every call."""
+    from attnkit.backends import flex as F
+
+    calls = []
+    real = F._probe_reason
+    monkeypatch.setattr(F, "_probe_reason", lambda *a: calls.append(a[0]) or real(*a))
+    fx = BACKENDS["flex"]
+    q = torch.randn(1, 2, 40, 16)
+    window, bias = M.sliding_window(7), Bi.from_function(lambda b, h, i, j: -0.1 * (i - j).float(), name="d")
+    with torch.no_grad():
+        for _ in range(3):
+            assert fx.data_reasons(make_call(q, q, q, mask=window, bias=bias)) == []
+        assert len(calls) == 2
+        fx.data_reasons(make_call(q[:, :, :20], q, q, mask=window, bias=bias))
+        assert len(calls) == 4
+        bad = M.from_function(lambda b, h, i, j: (i >= j) if int(i.max()) >= 0 else i > j, name="item")
+        for _ in range(2):
+            assert any("traced" in r for r in fx.data_reasons(make_call(q, q, q, mask=bad)))
+        assert len(calls) == 5

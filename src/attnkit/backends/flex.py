@@ -118,6 +118,7 @@ class _Cache:
 _BLOCK_MASKS = _Cache(_CACHE_SIZE)
 _MASK_MODS = _Cache(_CACHE_SIZE)
 _SCORE_MODS = _Cache(_CACHE_SIZE)
+_PROBES = _Cache(_CACHE_SIZE)
 _COMPILED_KEYS: set = set()  # what torch.compile has specialised flex_attention on so far
 
 
@@ -133,6 +134,7 @@ def reset_compile_cache() -> None:
     _BLOCK_MASKS.data.clear()
     _MASK_MODS.data.clear()
     _SCORE_MODS.data.clear()
+    _PROBES.data.clear()
 
 
 def _compile_key(call: AttentionCall) -> tuple:
@@ -257,21 +259,20 @@ class FlexBackend(Backend):
 
     def data_reasons(self, call: AttentionCall) -> list[str]:
         """Whether the specs can be traced elementwise (a probe on a 2 x 2 x 2 x 2 grid)."""
-        reasons = []
         B, Hq, Hk, Nq, Nk, D = call.shape
         off, dev = Nk - Nq, call.q.device
-        if call.mask is not None:
-            m = call.mask
-            why = _probe_reason(f"mask spec {m!r}", lambda b, h, i, j: m.allows(b, h, i + off, j, num_keys=Nk),
-                                B, Hq, Nq, Nk, dev)
-            if why:
-                reasons.append(why)
-        if call.bias is not None:
-            bias = call.bias
-            why = _probe_reason(f"bias spec {bias!r}", lambda b, h, i, j: bias(b, h, i + off, j), B, Hq, Nq, Nk, dev)
-            if why:
-                reasons.append(why)
-        return reasons
+        m, bias = call.mask, call.bias
+        probes = []
+        if m is not None:
+            probes.append((m, f"mask spec {m!r}", lambda b, h, i, j: m.allows(b, h, i + off, j, num_keys=Nk)))
+        if bias is not None:
+            probes.append((bias, f"bias spec {bias!r}", lambda b, h, i, j: bias(b, h, i + off, j)))
+        # Traceability is a property of the spec's code, not of its data: probed once per spec and
+        # shape (a vmap probe costs about 1 ms of Python, more than a short flex call on a GPU).
+        reasons = [_PROBES.get((id(spec), B, Hq, Nq, Nk, str(dev)),
+                               lambda spec=spec, what=what, fn=fn: (spec, _probe_reason(what, fn, B, Hq, Nq, Nk, dev)))[1]
+                   for spec, what, fn in probes]
+        return [r for r in reasons if r]
 
     def run(self, call: AttentionCall):
         B, Hq, Hk, Nq, Nk, D = call.shape
