@@ -48,10 +48,10 @@ def test_mqar_filler_is_token_0_without_random_non_queries(opts):
             assert len(later) == 1 and later[0] in query_pos  # the key recurs only as its query
 
 
-def test_mqar_random_non_queries_fills_with_random_tokens():
-    """random_non_queries=True (the default, Zoology's class default): the same keys, values and
-    queries as with filler 0, the filler drawn from the whole vocabulary, so keys recur in it."""
-    t, z = MQAR(), MQAR(random_non_queries=False)
+def test_mqar_filler_keys_fills_with_the_whole_vocabulary():
+    """filler_keys=True (Zoology's class default): the same keys, values and queries as with
+    filler 0, the filler drawn from the whole vocabulary, so keys recur in it."""
+    t, z = MQAR(filler_keys=True), MQAR(random_non_queries=False)
     assert t.random_non_queries is True
     b, bz = t.train_batch(3, 256, seed=5), z.train_batch(3, 256, seed=5)
     P, V = t.num_kv_pairs, t.vocab
@@ -64,10 +64,29 @@ def test_mqar_random_non_queries_fills_with_random_tokens():
     assert recurs > 0
 
 
+def test_mqar_default_filler_holds_no_key():
+    """The default (filler_keys=False): random filler from the tokens that are no key ({0} and the
+    value range), so, as with filler 0, a key recurs after the context only as its query; the
+    keys, values and queries are those of the whole-vocabulary filler."""
+    t, d = MQAR(), MQAR(filler_keys=True)
+    assert t.filler_keys is False
+    b, bd = t.train_batch(3, 256, seed=5), d.train_batch(3, 256, seed=5)
+    P, V = t.num_kv_pairs, t.vocab
+    assert torch.equal(b.y, bd.y) and torch.equal(b.x[:, :2 * P], bd.x[:, :2 * P])
+    query = b.y != IGNORE
+    filler = b.x[:, 2 * P:][~query[:, 2 * P:]]
+    assert set(filler.unique().tolist()) == {0, *range(V // 2, V)}  # every non-key token, no key
+    for x, y in zip(b.x.tolist(), b.y.tolist()):
+        for key in x[0:2 * P:2]:
+            later = [i for i in range(2 * P, len(x)) if x[i] == key]
+            assert len(later) == 1 and y[later[0]] != IGNORE
+
+
 def test_mqar_word_sets_random_non_queries():
     assert task_from_word("mqar:random_non_queries=True").random_non_queries is True
     assert task_from_word("mqar:random_non_queries=False").random_non_queries is False
     assert task_from_word("mqar").random_non_queries is True
+    assert task_from_word("mqar:filler_keys=False").filler_keys is False
 
 
 def test_batches_are_pure_functions_of_seed_and_step():
@@ -146,3 +165,10 @@ def test_selective_copy_targets_are_the_data_tokens_in_order():
 def test_bad_task_words(text, match):
     with pytest.raises(ValueError, match=match):
         task_from_word(text)
+
+
+@pytest.mark.parametrize("word, msg", [("mqar:filler_keys=2", "mqar: filler_keys must be True or False, got 2"),
+                                       ("mqar:random_non_queries='no'", "mqar: random_non_queries must be True or False")])
+def test_mqar_bool_options_refuse_other_values(word, msg):
+    with pytest.raises(ValueError, match=msg):
+        task_from_word(word)
