@@ -37,6 +37,12 @@ from attnkit.tolerances import tol
 DEV = "cuda"
 
 
+def _every_flex_compiles():
+    """dynamo's recompile limits lifted (as the test suite does): past the default limit (8) flex
+    refuses by its reason (attnkit) or runs unfused (the peer), and a case is not what it says."""
+    return torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000)
+
+
 def _rand(*shape, dtype, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEV, dtype)
@@ -67,9 +73,7 @@ def exact_cases(B=2, Hq=4, Hk=2, Nq=300, Nk=300, D=64):
 
 
 def run_exact(report: list, failures: list, only: set | None = None) -> None:
-    # Every flex case compiles (the test suite lifts the limit the same way): past dynamo's
-    # recompile limit flex would refuse, and the case would read n/a instead of being checked.
-    with torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000):
+    with _every_flex_compiles():
         _run_exact(report, failures, only)
 
 
@@ -119,7 +123,7 @@ def run_short(report: list, failures: list) -> None:
     """Short queries on flex (inductor's decoding kernel below 128 rows) with GQA groups of 1, 2
     and 4, float32 forward and backward against float64 reference: Nq=100 with G=2 raised
     NoValidChoicesError before ``flex._kernel_options``."""
-    with torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000):
+    with _every_flex_compiles():
         _run_short(report, failures)
 
 
@@ -275,9 +279,7 @@ def _time(fn, reps=5) -> float:
 
 
 def run_timings(rows: list, N: int, only: set | None = None, impls: set | None = None) -> None:
-    # The peer column compiles flex_attention once per case, mode and mask: past dynamo's default
-    # recompile limit (8) it would run unfused. Lifted here, as flex's users do for many masks.
-    with torch._dynamo.config.patch(recompile_limit=1_000, accumulated_recompile_limit=10_000):
+    with _every_flex_compiles():  # the peer compiles flex_attention once per case, mode and mask
         _run_timings(rows, N, only, impls)
 
 
